@@ -1,0 +1,104 @@
+"""The pipeline: trace -> shapes -> coupling -> importance -> select, then rewrite."""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+
+from . import importance as importance_
+from .coupling.build import analyse
+from .coupling.groups import build_groups
+from .errors import FxPruneError, StageError
+from .plan import Plan
+from .policy import Policy
+from .rewrite import apply
+from .select import select
+from .shapes import propagate
+from .trace import check_inputs, trace
+
+
+@contextlib.contextmanager
+def _stage(name: str, timings: dict):
+    """Name and time a stage; re-raise foreign errors as 'stage X failed: why'."""
+    start = time.perf_counter()
+    try:
+        yield
+    except FxPruneError:
+        raise
+    except Exception as err:
+        raise StageError(name, None, f"{type(err).__name__}: {err}") from err
+    finally:
+        timings[name] = time.perf_counter() - start
+
+
+def _score(groups: list, policy: Policy, ctx: importance_.ImportanceContext) -> dict:
+    scorer = importance_.get(policy.importance)
+    scores = {}
+    for g in groups:
+        if g.blocked or (policy.exact_only and not g.exact):
+            continue
+        try:
+            s = scorer(g, ctx)
+        except FxPruneError:
+            raise
+        except Exception as err:
+            raise StageError("importance", g.name, f"{type(err).__name__}: {err}") from err
+        scores[g.id] = torch.as_tensor(s, dtype=torch.float64).detach().cpu().reshape(-1)
+    return scores
+
+
+def plan(model: torch.nn.Module, policy: Policy, example_inputs: Any, *, leaf_modules: Iterable = (),
+         concrete_args: dict | None = None, calibration: Iterable | None = None,
+         loss_fn: Any = None, importance_options: dict | None = None) -> Plan:
+    """Decide what to prune, changing nothing. See ``Plan``.
+
+    Example:
+        >>> import fxprune, torchvision, torch
+        >>> p = fxprune.plan(torchvision.models.resnet18(), fxprune.Policy("l1", 0.5),
+        ...                  (torch.randn(1, 3, 64, 64),))
+        >>> len(p.groups) > 0
+        True
+    """
+    if not isinstance(policy, Policy):
+        raise FxPruneError(f"policy must be a fxprune.Policy, got {type(policy).__name__}")
+    inputs = check_inputs(example_inputs)
+    timings: dict[str, float] = {}
+    with _stage("trace", timings):
+        gm = trace(model, leaf_modules, concrete_args)
+    with _stage("shapes", timings):
+        propagate(gm, inputs)
+    with _stage("coupling", timings):
+        an = analyse(gm)
+        modules = dict(gm.named_modules())
+        groups, comp_to_group, index = build_groups(
+            an, lambda owner: policy.ignores(owner, modules.get(owner)))
+    with _stage("importance", timings):
+        ctx = importance_.ImportanceContext(gm, groups, inputs, calibration, loss_fn, policy,
+                                            dict(importance_options or {}))
+        scores = _score(groups, policy, ctx)
+    with _stage("select", timings):
+        select(groups, scores, policy)
+    edits = dict(ctx.options.get("edits", {}))
+    return Plan(gm, policy, groups, inputs, an, comp_to_group, index, edits, timings)
+
+
+def transform(model: torch.nn.Module, policy: Policy, example_inputs: Any, **kwargs) -> fx.GraphModule:
+    """Prune ``model`` and return a new, physically smaller ``torch.fx.GraphModule``.
+
+    The model is not modified. The plan is stored at ``pruned.meta["fxprune"]``.
+
+    Example:
+        >>> import fxprune, torchvision, torch
+        >>> m = torchvision.models.resnet18()
+        >>> pruned = fxprune.transform(m, fxprune.Policy("l1", 0.5), (torch.randn(1, 3, 64, 64),))
+        >>> sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in m.parameters())
+        True
+    """
+    p = plan(model, policy, example_inputs, **kwargs)
+    start = time.perf_counter()
+    pruned = apply(p)
+    p.timings["rewrite"] = time.perf_counter() - start
+    return pruned

@@ -1,0 +1,261 @@
+"""Channel semantics of generic op kinds. The tables in ``ops.py`` map concrete ops to these.
+
+A rule takes the analysis state and a node, declares couplings and parameter slices, and
+returns the node's channel value (``ChannelInfo``, a tuple/dict of them, or None).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch.fx as fx
+
+from .state import Analysis, ChannelInfo, ParamRef
+from ..shapes import is_tensor_shape
+
+
+def arg(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
+    """Positional-or-keyword argument of a node."""
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def ndim(an: Analysis, value: Any) -> int | None:
+    s = an.shape(value) if isinstance(value, fx.Node) else None
+    return len(s) if is_tensor_shape(s) else None
+
+
+def norm_dim(d: int, nd: int) -> int:
+    return d + nd if d < 0 else d
+
+
+def describe(node: fx.Node) -> str:
+    t = node.target
+    name = t if isinstance(t, str) else getattr(t, "__name__", repr(t))
+    return f"{node.op} {name!s} at node {node.name!r}"
+
+
+def opaque(an: Analysis, node: fx.Node, why: str | None = None) -> Any:
+    """Unknown semantics: every channel it touches is blocked, with the reason."""
+    reason = why or f"{describe(node)} is not in fxprune's op table"
+    reason = reason if node.name in reason else f"{reason} (node {node.name!r})"
+    an.blocked_ops.append((node.name, reason))
+    an.pin_args(node, reason)
+    return an.fresh(node, an.shape(node), "opaque", reason)
+
+
+# -- sources and sinks -------------------------------------------------------------------
+def placeholder(an: Analysis, node: fx.Node) -> Any:
+    return an.fresh(node, an.shape(node), "input", f"model input {node.name!r}")
+
+
+def get_attr(an: Analysis, node: fx.Node) -> Any:
+    import torch
+    try:
+        value = an.param_tensor(node.target)
+    except AttributeError:
+        return None
+    return ParamRef(node.target) if isinstance(value, torch.Tensor) else None
+
+
+def output(an: Analysis, node: fx.Node) -> Any:
+    an.pin_args(node, "reaches a model output")
+    return None
+
+
+# -- elementwise and per-channel ops -----------------------------------------------------
+def _operands(node: fx.Node) -> list:
+    out: list = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n))
+    return out
+
+
+def elementwise(an: Analysis, node: fx.Node) -> Any:
+    """Broadcasting elementwise op: aligned channel dims of all operands are coupled."""
+    out_shape = an.shape(node)
+    if not is_tensor_shape(out_shape) or not out_shape:
+        return None
+    nd = len(out_shape)
+    operands = [a for a in _operands(node) if isinstance(an.value(a), (ChannelInfo, ParamRef))]
+    chosen = None
+    for a in operands:
+        v = an.value(a)
+        if isinstance(v, ChannelInfo):
+            od = v.dim + nd - ndim(an, a)
+            if out_shape[od] == len(v.units):
+                chosen = ChannelInfo(od, v.units)
+                break
+    if chosen is None:
+        return opaque(an, node, f"{describe(node)}: no operand carries the output's channels")
+    od, size = chosen.dim, len(chosen.units)
+    why = f"elementwise {describe(node)}"
+    for a in operands:
+        v = an.value(a)
+        if isinstance(v, ParamRef):
+            pshape = tuple(an.param_tensor(v.target).shape)
+            pd = od - (nd - len(pshape))
+            if pd >= 0 and pshape[pd] == size and size > 1:
+                an.slice_param(v.target, pd, "passenger", chosen.units, v.target, why)
+            elif pd >= 0 and pshape[pd] not in (1, size):
+                return opaque(an, node)
+            continue
+        a_nd = ndim(an, a)
+        off = nd - a_nd
+        a_shape = an.shape(a)
+        at_od = a_shape[od - off] if od - off >= 0 else 1
+        if v.dim + off == od and len(v.units) == size:
+            an.units.union(chosen.units, v.units, "identity", why)
+        elif at_od == 1 and len(v.units) == 1:
+            continue
+        else:
+            reason = f"{why}: operands carry channels on different dims"
+            an.units.pin(v.units, reason)
+            an.units.pin(chosen.units, reason)
+    return chosen
+
+
+def passthrough(an: Analysis, node: fx.Node, spatial: int | None = 0, x_pos: int = 0) -> Any:
+    """Per-channel op (activation, pooling, dropout, resize): channels pass through unchanged.
+
+    ``spatial`` trailing dims are mixed by the op (None: all dims after dim 1); the channel
+    dim must not be one of them.
+    """
+    x = arg(node, x_pos, "input")
+    v = an.tensor_info(x)
+    out_shape = an.shape(node)
+    if v is None or not is_tensor_shape(out_shape):
+        return opaque(an, node)
+    nd = ndim(an, x)
+    mixed = (nd - 2) if spatial is None else spatial
+    if len(out_shape) != nd or out_shape[v.dim] != len(v.units) or v.dim >= nd - mixed:
+        return opaque(an, node, f"{describe(node)} mixes or resizes the channel dim {v.dim}")
+    return ChannelInfo(v.dim, v.units)
+
+
+def along_dim(an: Analysis, node: fx.Node, dim_pos: int, dim_name: str = "dim", default: int = -1,
+              exact_if_channel: bool = False) -> Any:
+    """Op acting along one dim (softmax): per-channel unless that dim is the channel dim."""
+    v = an.tensor_info(arg(node, 0, "input"))
+    nd = ndim(an, arg(node, 0, "input"))
+    if v is None or nd is None:
+        return opaque(an, node)
+    d = arg(node, dim_pos, dim_name, default)
+    if not isinstance(d, int) or norm_dim(d, nd) == v.dim:
+        return opaque(an, node, f"{describe(node)} works along the channel dim and mixes channels")
+    return passthrough(an, node, spatial=0)
+
+
+def reduction(an: Analysis, node: fx.Node, exact_over_channels: bool = False) -> Any:
+    """mean/sum/amax over some dims: the channel dim must survive (or be summed, which is exact)."""
+    x = arg(node, 0, "input")
+    v = an.tensor_info(x)
+    nd = ndim(an, x)
+    out_shape = an.shape(node)
+    if v is None or nd is None:
+        return opaque(an, node)
+    dims = arg(node, 1, "dim", None)
+    keep = bool(arg(node, 2, "keepdim", False))
+    dims = list(range(nd)) if dims is None else ([dims] if isinstance(dims, int) else list(dims))
+    if not all(isinstance(d, int) for d in dims):
+        return opaque(an, node)
+    dims = sorted(norm_dim(d, nd) for d in dims)
+    if v.dim in dims:
+        if exact_over_channels:
+            return an.fresh(node, out_shape, "opaque", f"sum over channels at node {node.name!r}")
+        return opaque(an, node, f"{describe(node)} reduces over the channel dim and mixes channels")
+    od = v.dim if keep else v.dim - sum(1 for d in dims if d < v.dim)
+    return ChannelInfo(od, v.units)
+
+
+# -- weighted layers ---------------------------------------------------------------------
+def contract(an: Analysis, node: fx.Node, x: Any, x_dim: int, weight: str, in_dim: int,
+             out_dim: int, out_size: int, bias: str | None, owner: str, out_channel_dim: int,
+             depthwise_mult: int = 0) -> Any:
+    """Shared logic of conv/linear: consume the input channels, produce new ones."""
+    why = describe(node)
+    v = an.tensor_info(x)
+    if depthwise_mult:
+        if v is None or v.dim != x_dim:
+            return opaque(an, node, f"{why}: depthwise input channels are not on dim {x_dim}")
+        units = tuple(u for u in v.units for _ in range(depthwise_mult))
+        an.slice_param(weight, out_dim, "producer", units, owner, why)
+    else:
+        if v is not None and v.dim == x_dim:
+            an.slice_param(weight, in_dim, "consumer", v.units, owner, why)
+        else:
+            an.pin_value(an.value(x), f"{why} contracts a dim that fxprune does not track")
+        units = an.producer_units(weight, out_dim, out_size, ("out", node.name, out_channel_dim))
+        an.slice_param(weight, out_dim, "producer", units, owner, why)
+    if bias is not None:
+        an.slice_param(bias, 0, "passenger", units, owner, why)
+    return ChannelInfo(out_channel_dim, units)
+
+
+def conv_module(an: Analysis, node: fx.Node) -> Any:
+    m = an.modules[node.target]
+    x = arg(node, 0, "input")
+    nd = ndim(an, x)
+    spatial = len(m.kernel_size)
+    if nd != spatial + 2:
+        return opaque(an, node, f"{describe(node)}: unbatched convolution input is not supported")
+    bias = f"{node.target}.bias" if m.bias is not None else None
+    weight = f"{node.target}.weight"
+    transposed = bool(getattr(m, "transposed", False))
+    in_dim, out_dim = (0, 1) if transposed else (1, 0)
+    if m.groups == 1:
+        return contract(an, node, x, 1, weight, in_dim, out_dim, m.out_channels, bias, node.target, 1)
+    if m.groups == m.in_channels and (not transposed or m.out_channels == m.in_channels):
+        mult = 1 if transposed else m.out_channels // m.in_channels
+        return contract(an, node, x, 1, weight, in_dim, 0, m.out_channels, bias, node.target, 1,
+                        depthwise_mult=mult)
+    return opaque(an, node, f"{describe(node)}: grouped convolution (groups={m.groups}) is not supported yet")
+
+
+def linear_module(an: Analysis, node: fx.Node) -> Any:
+    m = an.modules[node.target]
+    x = arg(node, 0, "input")
+    nd = ndim(an, x)
+    bias = f"{node.target}.bias" if m.bias is not None else None
+    return contract(an, node, x, nd - 1, f"{node.target}.weight", 1, 0, m.out_features, bias,
+                    node.target, nd - 1)
+
+
+def _functional_params(an: Analysis, node: fx.Node, bias_pos: int) -> tuple:
+    w = an.value(arg(node, 1, "weight"))
+    b_node = arg(node, bias_pos, "bias")
+    b = an.value(b_node) if b_node is not None else None
+    if not isinstance(w, ParamRef) or (b_node is not None and not isinstance(b, ParamRef)):
+        return None, None
+    return w.target, (b.target if b is not None else None)
+
+
+def conv_functional(an: Analysis, node: fx.Node, spatial: int) -> Any:
+    weight, bias = _functional_params(an, node, 2)
+    groups = arg(node, 6, "groups", 1)
+    x = arg(node, 0, "input")
+    if weight is None or groups != 1 or ndim(an, x) != spatial + 2:
+        return opaque(an, node, f"{describe(node)}: only groups=1 on get_attr weights is supported")
+    out = an.param_tensor(weight).shape[0]
+    return contract(an, node, x, 1, weight, 1, 0, out, bias, weight, 1)
+
+
+def linear_functional(an: Analysis, node: fx.Node) -> Any:
+    weight, bias = _functional_params(an, node, 2)
+    x = arg(node, 0, "input")
+    if weight is None:
+        return opaque(an, node, f"{describe(node)}: weight is not a get_attr parameter")
+    nd = ndim(an, x)
+    out = an.param_tensor(weight).shape[0]
+    return contract(an, node, x, nd - 1, weight, 1, 0, out, bias, weight, nd - 1)
+
+
+def batch_norm_module(an: Analysis, node: fx.Node) -> Any:
+    m = an.modules[node.target]
+    v = an.tensor_info(arg(node, 0, "input"))
+    if v is None or v.dim != 1:
+        return opaque(an, node, f"{describe(node)}: channels are not on dim 1")
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        if getattr(m, name, None) is not None:
+            an.slice_param(f"{node.target}.{name}", 0, "passenger", v.units, node.target, describe(node))
+    return ChannelInfo(v.dim, v.units)

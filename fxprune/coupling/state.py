@@ -1,0 +1,131 @@
+"""What the coupling stage knows about each value and parameter."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from .units import UnitTable
+from ..shapes import shape
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelInfo:
+    """The channel dim of a tensor value and the unit behind each position along it."""
+
+    dim: int
+    units: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamRef:
+    """A parameter or buffer fetched with ``get_attr`` (its channel dims are decided by its users)."""
+
+    target: str
+
+
+@dataclasses.dataclass
+class ParamSlice:
+    """One dim of one parameter/buffer that shrinks with channel units.
+
+    ``role`` is "producer" (rows that make channels), "consumer" (columns that contract
+    over channels) or "passenger" (per-channel values: norms, biases, PReLU, ...).
+    """
+
+    target: str
+    dim: int
+    role: str
+    units: tuple[int, ...]
+    owner: str  # the module (or get_attr target) that owns it
+
+
+class Analysis:
+    """Mutable state of the coupling stage, shared by the op rules.
+
+    Example:
+        >>> a = Analysis(torch.fx.symbolic_trace(torch.nn.Identity()))
+        >>> a.units.new_atom(("out", "x", 1), 2, "input")
+        (0, 1)
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.units = UnitTable()
+        self.info: dict[str, Any] = {}
+        self.params: dict[tuple[str, int], ParamSlice] = {}
+        self.frozen_params: dict[str, str] = {}
+        self.modules = dict(gm.named_modules())
+        self.blocked_ops: list[tuple[str, str]] = []
+        self.resized: dict[str, str] = {}
+
+    # -- values -------------------------------------------------------------------------
+    def value(self, arg: Any) -> Any:
+        if isinstance(arg, fx.Node):
+            return self.info.get(arg.name)
+        return None
+
+    def tensor_info(self, arg: Any) -> ChannelInfo | None:
+        v = self.value(arg)
+        return v if isinstance(v, ChannelInfo) else None
+
+    def fresh(self, node: fx.Node, out_shape: Any, kind: str, reason: str | None = None, dim: int | None = None) -> Any:
+        """New units for every tensor in ``out_shape`` (pinned with ``reason`` when given)."""
+        if isinstance(out_shape, tuple) and all(isinstance(d, int) for d in out_shape):
+            if len(out_shape) == 0:
+                return None
+            d = dim if dim is not None else (1 if len(out_shape) >= 2 else 0)
+            units = self.units.new_atom(("out", node.name, d), out_shape[d], kind)
+            if reason:
+                self.units.pin(units, reason)
+            return ChannelInfo(d, units)
+        if isinstance(out_shape, (tuple, list)):
+            return type(out_shape)(self.fresh(node, s, kind, reason) for s in out_shape)
+        if isinstance(out_shape, dict):
+            return {k: self.fresh(node, s, kind, reason) for k, s in out_shape.items()}
+        return None
+
+    def pin_value(self, value: Any, reason: str) -> None:
+        """Pin every unit reachable in a (nested) value; freeze get_attr parameters."""
+        if isinstance(value, ChannelInfo):
+            self.units.pin(value.units, reason)
+        elif isinstance(value, ParamRef):
+            self.frozen_params.setdefault(value.target, reason)
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                self.pin_value(v, reason)
+        elif isinstance(value, dict):
+            for v in value.values():
+                self.pin_value(v, reason)
+
+    def pin_args(self, node: fx.Node, reason: str) -> None:
+        for arg in node.all_input_nodes:
+            self.pin_value(self.value(arg), reason)
+
+    # -- parameters ---------------------------------------------------------------------
+    def slice_param(self, target: str, dim: int, role: str, units: Sequence[int], owner: str, why: str) -> None:
+        """Declare that ``target``'s ``dim`` follows ``units``; a second declaration couples them."""
+        key = (target, dim)
+        units = tuple(units)
+        if key in self.params:
+            prior = self.params[key]
+            self.units.union(prior.units, units, "shared", f"{target} used at several places ({why})")
+            if prior.role != role and "producer" in (prior.role, role):
+                prior.role = "producer"
+        else:
+            self.params[key] = ParamSlice(target, dim, role, units, owner)
+
+    def producer_units(self, target: str, dim: int, size: int, key: Any) -> tuple[int, ...]:
+        """The output units of a producer weight: new ones, or the existing ones of a shared module."""
+        if (target, dim) in self.params:
+            return self.params[(target, dim)].units
+        return self.units.new_atom(key, size, "producer")
+
+    def param_tensor(self, target: str) -> torch.Tensor:
+        *path, name = target.split(".")
+        owner = self.gm.get_submodule(".".join(path)) if path else self.gm
+        return getattr(owner, name)
+
+    def shape(self, node: fx.Node) -> Any:
+        return shape(node)

@@ -1,0 +1,140 @@
+"""The rewrite pass: sliced copies of every affected tensor, updated sizes and literals."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+
+from .slicers import fix_module, hyper_parameters, replace_tensor
+from ..coupling.rules import arg
+from ..coupling.state import ChannelInfo
+from ..errors import StageError, VerificationError
+from ..shapes import is_tensor_shape, propagate, shape
+
+
+def _owner(gm: fx.GraphModule, target: str) -> tuple[torch.nn.Module, str]:
+    *path, name = target.split(".")
+    return (gm.get_submodule(".".join(path)) if path else gm), name
+
+
+def _apply_edits(gm: fx.GraphModule, edits: dict) -> None:
+    for target, value in edits.items():
+        owner, name = _owner(gm, target)
+        old = getattr(owner, name)
+        replace_tensor(owner, name, value.to(dtype=old.dtype, device=old.device))
+
+
+def _slice_tensors(gm: fx.GraphModule, plan, removed: set) -> None:
+    before = {}
+    for (target, dim), ps in plan.analysis.params.items():
+        keep = plan.kept_positions(ps.units, removed)
+        if len(keep) == len(ps.units):
+            continue
+        owner, name = _owner(gm, target)
+        if owner is not gm and id(owner) not in before:
+            before[id(owner)] = (owner, hyper_parameters(owner))
+        tensor = getattr(owner, name)
+        index = torch.tensor(keep, dtype=torch.long, device=tensor.device)
+        replace_tensor(owner, name, tensor.detach().index_select(dim, index))
+    for owner, hp in before.values():
+        fix_module(owner, hp)
+
+
+def _rewrite_literals(gm: fx.GraphModule, plan, removed: set) -> None:
+    info = plan.analysis.info
+    for node in gm.graph.nodes:
+        if node.name in plan.analysis.resized:
+            _rewrite_split(node, info[node.name], plan, removed)
+        elif node.target in ("view", "reshape", torch.reshape) and isinstance(info.get(node.name), ChannelInfo):
+            _rewrite_shape(node, info[node.name], plan, removed)
+
+
+def _rewrite_split(node: fx.Node, pieces: tuple, plan, removed: set) -> None:
+    sizes = [len(plan.kept_positions(p.units, removed)) for p in pieces]
+    dim = arg(node, 2, "dim", 0)
+    x = node.args[0]
+    if node.op == "call_method":
+        node.target = "split"
+    else:
+        node.target = torch.split
+    node.args, node.kwargs = (x, sizes), {"dim": dim}
+
+
+def _rewrite_shape(node: fx.Node, out: ChannelInfo, plan, removed: set) -> None:
+    kept = len(plan.kept_positions(out.units, removed))
+    if kept == len(out.units):
+        return
+    rest = list(node.args[1:])
+    packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
+    dims = list(rest[0]) if packed else rest
+    if "shape" in node.kwargs:
+        dims, packed = list(node.kwargs["shape"]), None
+    if out.dim < len(dims) and isinstance(dims[out.dim], int) and dims[out.dim] != -1:
+        dims[out.dim] = kept
+        if packed is None:
+            node.kwargs = {**node.kwargs, "shape": tuple(dims)}
+        else:
+            node.args = (node.args[0], tuple(dims)) if packed else (node.args[0], *dims)
+
+
+def _is_impure(node: fx.Node) -> bool:
+    if node.is_impure():
+        return True
+    if node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_"):
+        return True
+    if node.op == "call_module":
+        return bool(getattr(node.graph.owning_module.get_submodule(node.target), "inplace", False))
+    return False
+
+
+def finish(gm: fx.GraphModule) -> fx.GraphModule:
+    """The finish sequence of every rewrite: DCE, drop unused submodules, lint, recompile."""
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def check_shapes(gm: fx.GraphModule, plan, removed: set) -> None:
+    """Run the pruned module once and compare every channel tensor's shape to the plan's."""
+    propagate(gm, plan.example_inputs)
+    originals = {n.name: shape(n) for n in plan.traced.graph.nodes}
+    for node in gm.graph.nodes:
+        out = plan.analysis.info.get(node.name)
+        if not isinstance(out, ChannelInfo) or not is_tensor_shape(originals.get(node.name)):
+            continue
+        want = list(originals[node.name])
+        want[out.dim] = len(plan.kept_positions(out.units, removed))
+        if tuple(want) != shape(node):
+            raise VerificationError(
+                f"shape re-check failed at node {node.name!r}: planned {tuple(want)}, got {shape(node)}")
+
+
+def apply(plan) -> fx.GraphModule:
+    """Build the pruned GraphModule of a plan (the plan's ``traced`` module is left as it is).
+
+    Example:
+        >>> import fxprune, torch
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3))
+        >>> p = fxprune.plan(m, fxprune.Policy("l1", 0.5), (torch.randn(1, 3, 8, 8),))
+        >>> fxprune.apply(p)[0].out_channels
+        4
+    """
+    removed = plan.removed_roots()
+    gm = copy.deepcopy(plan.traced)
+    gm.meta.pop("fxprune", None)
+    try:
+        _apply_edits(gm, plan.edits)
+        _slice_tensors(gm, plan, removed)
+        _rewrite_literals(gm, plan, removed)
+        finish(gm)
+    except (StageError, VerificationError):
+        raise
+    except Exception as err:
+        raise StageError("rewrite", None, f"{type(err).__name__}: {err}") from err
+    check_shapes(gm, plan, removed)
+    gm.train(plan.traced.training)
+    gm.meta["fxprune"] = plan
+    return gm

@@ -1,0 +1,89 @@
+"""Module hyper-parameters after slicing: one row per module type.
+
+Each fixer reads the sliced tensors of a module and sets its size attributes so that the
+module's ``extra_repr``, ``state_dict`` and scripting agree with its new shapes.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+
+def replace_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace a parameter, buffer or plain tensor attribute, keeping its kind.
+
+    Example:
+        >>> m = nn.Linear(4, 2)
+        >>> replace_tensor(m, "weight", m.weight[:, :3])
+        >>> isinstance(m.weight, nn.Parameter), tuple(m.weight.shape)
+        (True, (2, 3))
+    """
+    old = getattr(owner, name)
+    value = value.detach().clone().contiguous()
+    if isinstance(old, nn.Parameter):
+        setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        setattr(owner, name, value)
+
+
+def _conv(m: nn.Module, before: dict) -> None:
+    w = m.weight
+    depthwise = before["groups"] > 1 and before["groups"] == before["in_channels"]
+    if m.transposed:
+        m.in_channels = w.shape[0]
+        if depthwise:
+            m.groups = m.in_channels
+        m.out_channels = w.shape[1] * m.groups
+    else:
+        m.out_channels = w.shape[0]
+        if depthwise:
+            mult = before["out_channels"] // before["in_channels"]
+            m.groups = m.out_channels // mult
+            m.in_channels = m.groups
+        else:
+            m.in_channels = w.shape[1] * m.groups
+
+
+def _linear(m: nn.Module, before: dict) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _batch_norm(m: nn.Module, before: dict) -> None:
+    ref = m.running_mean if m.running_mean is not None else m.weight
+    m.num_features = ref.shape[0]
+
+
+FIXERS: dict[type, Callable[[nn.Module, dict], None]] = {
+    nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv,
+    nn.ConvTranspose1d: _conv, nn.ConvTranspose2d: _conv, nn.ConvTranspose3d: _conv,
+    nn.Linear: _linear,
+    nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm, nn.BatchNorm3d: _batch_norm,
+}
+
+SIZE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+              "num_channels", "num_groups", "num_parameters", "normalized_shape", "embed_dim", "num_heads")
+
+
+def hyper_parameters(m: nn.Module) -> dict:
+    """The size attributes a fixer may read as 'before' values."""
+    return {a: getattr(m, a) for a in SIZE_ATTRS if hasattr(m, a)}
+
+
+def fix_module(m: nn.Module, before: dict) -> None:
+    for cls in type(m).__mro__:
+        if cls in FIXERS:
+            FIXERS[cls](m, before)
+            return
+
+
+def register_fixer(module_type: type, fixer: Callable[[nn.Module, dict], None]) -> None:
+    """Declare how a module type's size attributes follow its sliced tensors.
+
+    Example:
+        >>> register_fixer(nn.PReLU, lambda m, before: setattr(m, "num_parameters", m.weight.numel()))
+    """
+    FIXERS[module_type] = fixer

@@ -1,0 +1,74 @@
+"""Stage 2: one shape-propagation pass; every later stage reads shapes from node meta."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import InputError
+
+META_KEY = "fxprune"
+
+
+def _shape_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_shape_of(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _shape_of(v) for k, v in value.items()}
+    return None
+
+
+class _Recorder(ShapeProp):
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta.setdefault(META_KEY, {})["shape"] = _shape_of(result)
+        if isinstance(result, torch.Tensor):
+            n.meta[META_KEY]["dtype"] = result.dtype
+        return result
+
+
+def propagate(gm: fx.GraphModule, example_inputs: tuple) -> Any:
+    """Run ``gm`` once (eval mode, no grad) and store each node's output shape at
+    ``node.meta["fxprune"]["shape"]``; returns the outputs.
+
+    Inputs the model rejects raise ``InputError`` carrying the model's own message.
+
+    Example:
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Conv2d(3, 8, 3))
+        >>> _ = propagate(gm, (torch.randn(1, 3, 8, 8),))
+        >>> [n.meta["fxprune"]["shape"] for n in gm.graph.nodes][1]
+        (1, 8, 6, 6)
+    """
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            return _Recorder(gm).propagate(*example_inputs)
+    except Exception as err:
+        cause = err.__cause__ or err
+        raise InputError(
+            f"the model rejected the example inputs: {type(cause).__name__}: {cause}\n"
+            "  fix: pass example_inputs as a tuple of tensors the model accepts, e.g. (torch.randn(1, 3, 224, 224),)"
+        ) from err
+    finally:
+        gm.train(was_training)
+
+
+def shape(node: Any) -> Any:
+    """The recorded output shape of ``node`` (None for non-tensors or non-nodes).
+
+    Example:
+        >>> shape(3) is None
+        True
+    """
+    if isinstance(node, fx.Node):
+        return node.meta.get(META_KEY, {}).get("shape")
+    return None
+
+
+def is_tensor_shape(s: Any) -> bool:
+    return isinstance(s, tuple) and all(isinstance(d, int) for d in s)

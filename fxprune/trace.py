@@ -1,0 +1,92 @@
+"""Stage 1: symbolic tracing with a tracer that keeps torch.nn leaf modules."""
+from __future__ import annotations
+
+import copy
+import traceback
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+
+from .errors import TraceError
+
+
+class LeafTracer(fx.Tracer):
+    """A ``torch.fx.Tracer`` that also keeps the user's ``leaf_modules`` (types or names) as leaves.
+
+    Example:
+        >>> gm = trace(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)))
+        >>> [n.op for n in gm.graph.nodes]
+        ['placeholder', 'call_module', 'output']
+    """
+
+    def __init__(self, leaf_modules: Iterable = ()):
+        super().__init__()
+        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _offending_frame(err: BaseException) -> str:
+    frames = traceback.extract_tb(err.__traceback__)
+    user = [f for f in frames if "/torch/" not in f.filename and "/fxprune/" not in f.filename]
+    if not user:
+        return ""
+    f = user[-1]
+    return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+
+def trace(model: torch.nn.Module, leaf_modules: Iterable = (), concrete_args: dict | None = None) -> fx.GraphModule:
+    """Trace a private deep copy of ``model`` into a GraphModule; the model is never touched.
+
+    Raises ``TraceError`` naming the module class and the offending line, with advice.
+
+    Example:
+        >>> gm = trace(torch.nn.Linear(4, 2))
+        >>> isinstance(gm, torch.fx.GraphModule)
+        True
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    private = copy.deepcopy(model)
+    if isinstance(model, fx.GraphModule) and not leaf_modules and not concrete_args:
+        gm = fx.GraphModule(private, copy.deepcopy(private.graph))
+    else:
+        tracer = LeafTracer(leaf_modules)
+        try:
+            graph = tracer.trace(private, concrete_args=concrete_args)
+        except Exception as err:  # torch.fx raises many exception types
+            where = _offending_frame(err)
+            raise TraceError(
+                f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {err}"
+                + (f"\n  at {where}" if where else "")
+                + "\n  fix: pass leaf_modules=[TheSubmoduleType or 'its.name'] to keep the module that has "
+                  "data-dependent control flow as an opaque leaf (its channels will be blocked), or "
+                  "concrete_args={'arg': value} to fix the argument the control flow depends on."
+            ) from err
+        name = type(model).__name__
+        gm = fx.GraphModule(tracer.root, graph, name)
+    gm.train(model.training)
+    return gm
+
+
+def check_inputs(example_inputs: Any) -> tuple:
+    """Normalise example inputs to a tuple (a lone tensor becomes a 1-tuple).
+
+    Example:
+        >>> len(check_inputs(torch.zeros(1)))
+        1
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, dict):
+        raise TraceError("example_inputs must be a tensor or a tuple of positional inputs, not a dict")
+    return (example_inputs,)

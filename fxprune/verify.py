@@ -1,0 +1,111 @@
+"""The mask oracle: the pruned model must compute the original with removed channels zeroed."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .errors import VerificationError
+from .rewrite.apply import _apply_edits
+
+
+class MaskedInterpreter(fx.Interpreter):
+    """Runs the original graph, zeroing listed channels of listed node outputs.
+
+    Example:
+        >>> gm = torch.fx.symbolic_trace(torch.nn.ReLU())
+        >>> MaskedInterpreter(gm, {"_0": (1, [0])}).run(torch.ones(1, 2))
+        tensor([[0., 1.]])
+    """
+
+    def __init__(self, gm: fx.GraphModule, zero: dict[str, tuple[int, list[int]]]):
+        super().__init__(gm)
+        self.zero = {name: (dim, torch.tensor(idx, dtype=torch.long)) for name, (dim, idx) in zero.items()}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if n.name in self.zero and isinstance(result, torch.Tensor):
+            dim, idx = self.zero[n.name]
+            result = result.index_fill(dim, idx.to(result.device), 0)
+        return result
+
+
+def _leaves(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _leaves(v)]
+    if isinstance(value, dict):
+        return [t for k in sorted(value, key=str) for t in _leaves(value[k])]
+    return []
+
+
+@dataclasses.dataclass
+class Verification:
+    """The oracle's verdict: ``max_error`` is the largest relative error over all outputs."""
+
+    ok: bool
+    max_error: float
+    tolerance: float
+    exact: bool
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def masked_outputs(plan, inputs: tuple) -> Any:
+    """Outputs of the original with ``plan.edits`` applied and removed channels zeroed."""
+    ref = copy.deepcopy(plan.traced)
+    _apply_edits(ref, plan.edits)
+    ref.eval()
+    with torch.no_grad():
+        return MaskedInterpreter(ref, plan.removed_channels()).run(*inputs)
+
+
+def relative_error(a: Any, b: Any) -> float:
+    """max |a-b| / max |b| over all output tensors (flattened tuples/dicts)."""
+    la, lb = _leaves(a), _leaves(b)
+    if len(la) != len(lb):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(la, lb):
+        if x.shape != y.shape:
+            return float("inf")
+        scale = y.abs().max().item() if y.numel() else 0.0
+        diff = (x.double() - y.double()).abs().max().item() if y.numel() else 0.0
+        worst = max(worst, diff / max(scale, 1e-30))
+    return worst
+
+
+def verify(pruned: fx.GraphModule, inputs: tuple | None = None, plan=None, tolerance: float | None = None,
+           raise_on_failure: bool = False) -> Verification:
+    """Check a pruned model against the mask oracle (eval mode, no grad, on private copies).
+
+    The tolerance defaults to 1e-9 for float64 outputs and 1e-4 otherwise.
+
+    Example:
+        >>> import fxprune, torch
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+        >>> x = (torch.randn(2, 3, 8, 8),)
+        >>> fxprune.verify(fxprune.transform(m, fxprune.Policy("l1", 0.5), x)).ok
+        True
+    """
+    plan = plan if plan is not None else pruned.meta.get("fxprune")
+    if plan is None:
+        raise VerificationError("no plan: pass plan= or a module returned by fxprune.transform")
+    inputs = plan.example_inputs if inputs is None else (inputs if isinstance(inputs, tuple) else (inputs,))
+    expected = masked_outputs(plan, inputs)
+    model = copy.deepcopy(pruned).eval()
+    with torch.no_grad():
+        got = model(*inputs)
+    leaves = _leaves(expected)
+    if tolerance is None:
+        tolerance = 1e-9 if leaves and all(t.dtype == torch.float64 for t in leaves) else 1e-4
+    err = relative_error(got, expected)
+    result = Verification(err <= tolerance, err, tolerance, plan.exact)
+    if raise_on_failure and not result.ok:
+        raise VerificationError(f"pruned model differs from the mask oracle: relative error {err:.3g} > {tolerance:g}")
+    return result
