@@ -81,8 +81,21 @@ def plan(model: torch.nn.Module, policy: Policy, example_inputs: Any, *, leaf_mo
         scores = _score(groups, policy, ctx)
     with _stage("select", timings):
         select(groups, scores, policy)
-    edits = dict(ctx.options.get("edits", {}))
-    return Plan(gm, policy, groups, inputs, an, comp_to_group, index, edits, timings)
+    with _stage("edits", timings):
+        _collect_edits(groups, ctx)
+    return Plan(gm, policy, groups, inputs, an, comp_to_group, index, dict(ctx.edits), timings)
+
+
+def _collect_edits(groups: list, ctx: importance_.ImportanceContext) -> None:
+    """Criteria with an ``edits(group, ctx) -> {param: tensor}`` method (e.g. weight compensation)
+    edit parameters once the removed channels are known; edits compose through ``ctx.current``."""
+    make_edits = getattr(importance_.get(ctx.policy.importance), "edits", None)
+    if make_edits is None:
+        return
+    for g in groups:
+        if g.removed:
+            for target, value in (make_edits(g, ctx) or {}).items():
+                ctx.edits[target] = value.detach()
 
 
 def transform(model: torch.nn.Module, policy: Policy, example_inputs: Any, **kwargs) -> fx.GraphModule:

@@ -15,8 +15,10 @@ META_KEY = "fxprune"
 def _shape_of(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return tuple(value.shape)
+    if isinstance(value, torch.Size):
+        return None
     if isinstance(value, (tuple, list)):
-        return type(value)(_shape_of(v) for v in value)
+        return tuple(_shape_of(v) for v in value)
     if isinstance(value, dict):
         return {k: _shape_of(v) for k, v in value.items()}
     return None

@@ -60,6 +60,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.flatten: L.flatten, torch.reshape: L.reshape, torch.permute: L.permute,
     torch.transpose: L.transpose, torch.split: L.split, torch.chunk: P(L.split, chunks=True),
     operator.getitem: L.getitem,
+    getattr: lambda an, node: _getattr(an, node),
 }
 
 _ELEMENTWISE_METHODS = [
@@ -103,6 +104,16 @@ MODULE_RULES: dict[type, Rule] = {
     nn.BatchNorm3d: R.batch_norm_module,
     nn.Flatten: L.flatten,
 }
+
+
+_METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
+
+
+def _getattr(an, node):
+    """``getattr(x, "shape")`` and friends read metadata only; other attributes are opaque."""
+    if len(node.args) >= 2 and node.args[1] in _METADATA_ATTRIBUTES:
+        return None
+    return R.opaque(an, node)
 
 
 def _module_along_dim(an, node):

@@ -33,6 +33,11 @@ def norm_dim(d: int, nd: int) -> int:
 def describe(node: fx.Node) -> str:
     t = node.target
     name = t if isinstance(t, str) else getattr(t, "__name__", repr(t))
+    if node.op == "call_module":
+        try:
+            name = f"{name} ({type(node.graph.owning_module.get_submodule(t)).__name__})"
+        except AttributeError:
+            pass
     return f"{node.op} {name!s} at node {node.name!r}"
 
 

@@ -31,11 +31,17 @@ class ImportanceContext:
     loss_fn: Callable | None = None
     policy: Any = None
     options: dict = dataclasses.field(default_factory=dict)
+    edits: dict = dataclasses.field(default_factory=dict)
 
     def param(self, target: str) -> torch.Tensor:
+        """A parameter or buffer of the traced original, by qualified name (never edited)."""
         *path, name = target.split(".")
         owner = self.module.get_submodule(".".join(path)) if path else self.module
         return getattr(owner, name)
+
+    def current(self, target: str) -> torch.Tensor:
+        """The parameter with the edits made so far by this plan's criterion (see ``plan.edits``)."""
+        return self.edits[target] if target in self.edits else self.param(target)
 
 
 def register(name: str, fn: Callable | None = None):
