@@ -40,6 +40,22 @@ def _offending_frame(err: BaseException) -> str:
     return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
 
 
+def _bake_concrete_args(graph: fx.Graph, concrete_args: dict, model: torch.nn.Module) -> None:
+    """Replace the placeholders of concrete arguments by their values, so the traced module
+    is called with the remaining inputs only (the same positional inputs as the model)."""
+    import inspect
+    names = list(inspect.signature(model.forward).parameters)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for name, node in zip(names, placeholders):
+        if name in concrete_args:
+            value = concrete_args[name]
+            if isinstance(value, (bool, int, float, str, type(None))):
+                for user in list(node.users):
+                    user.args = fx.node.map_arg(user.args, lambda n: value if n is node else n)
+                    user.kwargs = fx.node.map_arg(user.kwargs, lambda n: value if n is node else n)
+                graph.erase_node(node)
+
+
 def trace(model: torch.nn.Module, leaf_modules: Iterable = (), concrete_args: dict | None = None) -> fx.GraphModule:
     """Trace a private deep copy of ``model`` into a GraphModule; the model is never touched.
 
@@ -68,8 +84,10 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable = (), concrete_args: di
                   "data-dependent control flow as an opaque leaf (its channels will be blocked), or "
                   "concrete_args={'arg': value} to fix the argument the control flow depends on."
             ) from err
+        _bake_concrete_args(graph, concrete_args or {}, private)
         name = type(model).__name__
         gm = fx.GraphModule(tracer.root, graph, name)
+    gm._tracer_cls = gm.graph._tracer_cls = None  # pickles of the result must not need fxprune
     gm.train(model.training)
     return gm
 

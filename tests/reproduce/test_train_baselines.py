@@ -21,12 +21,8 @@ def test_trains_then_reuses_the_cached_checkpoint(tmp_path):
     assert (saved["model"], saved["data"], saved["epochs"], saved["seed"]) == ("resnet20", "digits", 1, 0)
 
 
-def test_command_prints_test_accuracy(tmp_path, monkeypatch, capsys):
-    import benchmarks.reproduce.train_baselines as module
-
-    monkeypatch.setattr(module, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(module.load_or_train, "__kwdefaults__",
-                        {**module.load_or_train.__kwdefaults__, "cache_dir": tmp_path})
-    assert main(["--model", "resnet20", "--data", "digits", "--epochs", "1", "--no-progress"]) == 0
+def test_command_prints_test_accuracy(tmp_path, capsys):
+    assert main(["--model", "resnet20", "--data", "digits", "--epochs", "1", "--no-progress",
+                 "--cache-dir", str(tmp_path)]) == 0
     assert "test accuracy" in capsys.readouterr().out
     assert (tmp_path / "resnet20_digits_seed0.pt").is_file()
