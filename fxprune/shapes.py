@@ -33,10 +33,30 @@ class _Recorder(ShapeProp):
         return result
 
 
-def propagate(gm: fx.GraphModule, example_inputs: tuple) -> Any:
-    """Run ``gm`` once (eval mode, no grad) and store each node's output shape at
-    ``node.meta["fxprune"]["shape"]``; returns the outputs.
+def _fake_propagate(gm: fx.GraphModule, example_inputs: tuple) -> bool:
+    """Shapes from fake tensors (no arithmetic); False when some op cannot run on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+    try:
+        with torch.no_grad():
+            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+    except Exception:
+        return False
+    for n in gm.graph.nodes:
+        val = n.meta.pop("val", None)
+        n.meta.setdefault(META_KEY, {})["shape"] = _shape_of(val)
+        if isinstance(val, torch.Tensor):
+            n.meta[META_KEY]["dtype"] = val.dtype
+    return True
 
+
+def propagate(gm: fx.GraphModule, example_inputs: tuple, fake: bool = True) -> Any:
+    """Store each node's output shape at ``node.meta["fxprune"]["shape"]``.
+
+    Shapes come from fake tensors when every op supports them (fast: no arithmetic), else from
+    one real run in eval mode without grad, which then also returns the outputs.
     Inputs the model rejects raise ``InputError`` carrying the model's own message.
 
     Example:
@@ -47,6 +67,9 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple) -> Any:
     """
     was_training = gm.training
     gm.eval()
+    if fake and _fake_propagate(gm, example_inputs):
+        gm.train(was_training)
+        return None
     try:
         with torch.no_grad():
             return _Recorder(gm).propagate(*example_inputs)

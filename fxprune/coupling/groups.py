@@ -107,13 +107,19 @@ def channel_index(an: Analysis) -> dict[int, tuple[int, int]]:
     return index
 
 
-def _split_by_group(units, index, find) -> dict[int, tuple[list, list]]:
+def _split_by_group(units, index, find, memo: dict | None = None) -> dict[int, tuple[list, list]]:
+    """{group: (positions, channels)} of a units tuple; memoised by identity, since
+    per-channel ops hand the same tuple from node to node."""
+    if memo is not None and id(units) in memo:
+        return memo[id(units)][1]
     out: dict[int, tuple[list, list]] = {}
     for pos, u in enumerate(units):
         gid, ch = index[find(u)]
         entry = out.setdefault(gid, ([], []))
         entry[0].append(pos)
         entry[1].append(ch)
+    if memo is not None:
+        memo[id(units)] = (units, out)  # keep the tuple alive so its id stays unique
     return out
 
 
@@ -127,9 +133,10 @@ def build_groups(an: Analysis, ignored: Callable[[str], bool]) -> tuple[list[Gro
             an.units.pin(ps.units, f"{ps.owner} is in policy.ignore")
     index = channel_index(an)
     find = an.units.find
+    memo: dict = {}
     params: dict[int, list[ParamMember]] = {}
     for ps in an.params.values():
-        for gid, (pos, ch) in _split_by_group(ps.units, index, find).items():
+        for gid, (pos, ch) in _split_by_group(ps.units, index, find, memo).items():
             params.setdefault(gid, []).append(
                 ParamMember(ps.target, ps.dim, ps.role, ps.owner, tuple(pos), tuple(ch)))
     wanted = {gid for gid, ps in params.items() if any(p.role == "producer" for p in ps)}
@@ -139,7 +146,7 @@ def build_groups(an: Analysis, ignored: Callable[[str], bool]) -> tuple[list[Gro
     members: dict[int, list[Member]] = {gid: [] for gid in wanted}
     for name, info in an.info.items():
         if isinstance(info, ChannelInfo):
-            for gid, (pos, ch) in _split_by_group(info.units, index, find).items():
+            for gid, (pos, ch) in _split_by_group(info.units, index, find, memo).items():
                 if gid in wanted:
                     members[gid].append(Member(name, info.dim, tuple(pos), tuple(ch)))
     pins: dict[int, dict[int, str]] = {}

@@ -25,18 +25,36 @@ def _apply_edits(gm: fx.GraphModule, edits: dict) -> None:
         replace_tensor(owner, name, value.to(dtype=old.dtype, device=old.device))
 
 
-def _slice_tensors(gm: fx.GraphModule, plan, removed: set) -> None:
-    before = {}
+def _planned_slices(plan, removed: set) -> list[tuple[str, int, list[int]]]:
+    """(param target, dim, kept positions) for every parameter dim that loses channels."""
+    out = []
     for (target, dim), ps in plan.analysis.params.items():
         keep = plan.kept_positions(ps.units, removed)
-        if len(keep) == len(ps.units):
-            continue
+        if len(keep) != len(ps.units):
+            out.append((target, dim, keep))
+    return out
+
+
+def _copy_sharing(traced: fx.GraphModule, slices: list) -> fx.GraphModule:
+    """Deep copy of ``traced`` that does not copy the tensors about to be sliced (they are
+    replaced by fresh sliced tensors, so nothing stays shared)."""
+    memo = {}
+    for target, _dim, _keep in slices:
+        owner, name = _owner(traced, target)
+        tensor = getattr(owner, name)
+        memo[id(tensor)] = tensor
+    return copy.deepcopy(traced, memo)
+
+
+def _slice_tensors(gm: fx.GraphModule, slices: list) -> None:
+    before = {}
+    for target, dim, keep in slices:
         owner, name = _owner(gm, target)
         if owner is not gm and id(owner) not in before:
             before[id(owner)] = (owner, hyper_parameters(owner))
         tensor = getattr(owner, name)
         index = torch.tensor(keep, dtype=torch.long, device=tensor.device)
-        replace_tensor(owner, name, tensor.detach().index_select(dim, index))
+        replace_tensor(owner, name, tensor.detach().index_select(dim, index), copy=False)
     for owner, hp in before.values():
         fix_module(owner, hp)
 
@@ -123,11 +141,12 @@ def apply(plan) -> fx.GraphModule:
         4
     """
     removed = plan.removed_roots()
-    gm = copy.deepcopy(plan.traced)
+    slices = _planned_slices(plan, removed)
+    gm = _copy_sharing(plan.traced, slices if not plan.edits else [])
     gm.meta.pop("fxprune", None)
     try:
         _apply_edits(gm, plan.edits)
-        _slice_tensors(gm, plan, removed)
+        _slice_tensors(gm, slices)
         _rewrite_literals(gm, plan, removed)
         finish(gm)
     except (StageError, VerificationError):

@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 
 
-def replace_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Replace a parameter, buffer or plain tensor attribute, keeping its kind.
+def replace_tensor(owner: nn.Module, name: str, value: torch.Tensor, copy: bool = True) -> None:
+    """Replace a parameter, buffer or plain tensor attribute, keeping its kind
+    (``copy=False`` when ``value`` is already a fresh tensor nobody else holds).
 
     Example:
         >>> m = nn.Linear(4, 2)
@@ -21,7 +22,7 @@ def replace_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
         (True, (2, 3))
     """
     old = getattr(owner, name)
-    value = value.detach().clone().contiguous()
+    value = value.detach().clone().contiguous() if copy else value.detach().contiguous()
     if isinstance(old, nn.Parameter):
         setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
     elif name in owner._buffers:
