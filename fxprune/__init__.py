@@ -13,6 +13,7 @@ from .api import plan, transform
 from .coupling.ops import register_module_rule
 from .errors import (FxPruneError, InputError, PolicyError, StageError, TraceError,
                      VerificationError)
+from .exporters import ExportError, LoadError, check_onnx, export, load, save
 from .importance import ImportanceContext, register as register_importance
 from .plan import Plan
 from .policy import Policy
@@ -24,4 +25,5 @@ __all__ = [
     "__version__", "plan", "apply", "transform", "verify", "explain", "Policy", "Plan",
     "register_importance", "register_module_rule", "ImportanceContext", "FxPruneError",
     "TraceError", "InputError", "PolicyError", "StageError", "VerificationError",
+    "export", "save", "load", "check_onnx", "ExportError", "LoadError",
 ]

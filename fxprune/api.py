@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from . import importance as importance_
+from .budget import CostModel
 from .coupling.build import analyse
 from .coupling.groups import build_groups
 from .errors import FxPruneError, StageError
@@ -80,10 +81,11 @@ def plan(model: torch.nn.Module, policy: Policy, example_inputs: Any, *, leaf_mo
                                             dict(importance_options or {}))
         scores = _score(groups, policy, ctx)
     with _stage("select", timings):
-        select(groups, scores, policy)
+        cost = CostModel(gm, groups, an) if (policy.budget or policy.allocation == "cost") else None
+        selection = select(groups, scores, policy, cost, modules)
     with _stage("edits", timings):
         _collect_edits(groups, ctx)
-    return Plan(gm, policy, groups, inputs, an, comp_to_group, index, dict(ctx.edits), timings)
+    return Plan(gm, policy, groups, inputs, an, comp_to_group, index, dict(ctx.edits), timings, selection)
 
 
 def _collect_edits(groups: list, ctx: importance_.ImportanceContext) -> None:

@@ -21,6 +21,7 @@ class Plan:
         groups: the coupled channel groups (see ``fxprune.coupling.groups.Group``).
         edits: parameter edits applied before slicing, ``{param_name: new_tensor}``.
         timings: seconds spent in each pipeline stage.
+        selection: how the selection went (scope; for a budget: metric, target, achieved, met).
 
     Example:
         >>> import fxprune, torch
@@ -41,6 +42,7 @@ class Plan:
     channel_of_root: dict = dataclasses.field(repr=False, default_factory=dict)
     edits: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    selection: dict = dataclasses.field(default_factory=dict)
 
     def removed_roots(self) -> set[int]:
         """Union-find roots of every removed channel unit."""
@@ -70,6 +72,21 @@ class Plan:
                 gone = [i for i, u in enumerate(info.units) if find(u) in removed]
                 if gone:
                     out[name] = (info.dim, gone)
+        return out
+
+    def masked_params(self) -> dict[str, tuple[int, list[int]]]:
+        """``{param_name: (dim, sorted removed positions)}`` for channel spaces that no node output
+        shows (q/k/v inside ``nn.MultiheadAttention``, ...): the oracle zeroes these rows."""
+        removed = self.removed_roots()
+        if not removed:
+            return {}
+        find = self.analysis.units.find
+        out = {}
+        for target, dim in sorted(self.analysis.mask_sites):
+            units = self.analysis.params[(target, dim)].units
+            gone = [i for i, u in enumerate(units) if find(u) in removed]
+            if gone:
+                out[target] = (dim, gone)
         return out
 
     @property

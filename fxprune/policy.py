@@ -22,6 +22,20 @@ class Policy:
         min_channels: no group is left narrower than this (default 1).
         round_to: the kept width of every group is a multiple of this (``None``: no rounding).
         exact_only: prune only groups whose removal is exact (no channel-mixing op on the way).
+        scope: ``"local"`` removes ``ratio`` of every group; ``"global"`` ranks all channels
+            together after ``normalize`` and removes ``ratio`` of all removable channels.
+        normalize: how scores are made comparable across groups in global scope:
+            ``"mean"`` (score / group mean, default), ``"max"``, ``"lamp"`` (LAMP: s_i^2 over the
+            sum of s_j^2 of channels at least as important), ``"none"``.
+        flops: fraction of MACs to keep (e.g. 0.5); the ratio is then searched for (local:
+            one ratio for all groups; global: one threshold) and ``ratio`` is ignored.
+        params: fraction of parameters to keep, like ``flops`` (give at most one of the two).
+        allocation: ``"uniform"``, or ``"cost"``: each group's share of the cut weighted by the
+            MACs one of its channels costs (cheap-to-keep groups are cut less).
+        overrides: ``{key: ratio}`` per layer, where key is a module type, a module-name pattern
+            (``"layer4.*"``, fnmatch) or a module name. Precedence: policy < type < pattern <
+            name. A group takes the smallest override among its producers; an overridden group
+            keeps its ratio when a budget is searched.
 
     Example:
         >>> p = Policy(importance="l1", ratio=0.5, round_to=8)
@@ -39,8 +53,15 @@ class Policy:
     min_channels: int = 1
     round_to: int | None = None
     exact_only: bool = False
+    scope: str = "local"
+    normalize: str = "mean"
+    flops: float | None = None
+    params: float | None = None
+    allocation: str = "uniform"
+    overrides: Any = ()
 
     def __post_init__(self):
+        self._check_choices()
         if isinstance(self.ignore, (str, type)):
             object.__setattr__(self, "ignore", (self.ignore,))
         else:
@@ -62,6 +83,55 @@ class Policy:
             check_name(self.importance)
         elif not callable(self.importance):
             raise PolicyError(f"importance must be a registered name or a callable, got {self.importance!r}")
+
+    def _check_choices(self) -> None:
+        for field, valid in (("scope", ("local", "global")), ("normalize", ("mean", "max", "lamp", "none")),
+                             ("allocation", ("uniform", "cost"))):
+            if getattr(self, field) not in valid:
+                raise PolicyError(f"{field} must be one of {', '.join(valid)}; got {getattr(self, field)!r}")
+        for field in ("flops", "params"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0.0 < float(value) <= 1.0):
+                raise PolicyError(f"{field} is the fraction to keep, in (0, 1]; got {value!r}")
+        if self.flops is not None and self.params is not None:
+            raise PolicyError("give flops or params as the budget, not both")
+        items = self.overrides.items() if isinstance(self.overrides, dict) else self.overrides
+        pairs = tuple(items)
+        for key, ratio in pairs:
+            if not (isinstance(key, str) or (isinstance(key, type) and issubclass(key, torch.nn.Module))):
+                raise PolicyError(f"override keys are module names, name patterns or module types; got {key!r}")
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+                raise PolicyError(f"override ratio for {key!r} must be in [0, 1]; got {ratio!r}")
+        object.__setattr__(self, "overrides", pairs)
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        """``("macs", f)`` or ``("params", f)`` when a budget is set."""
+        if self.flops is not None:
+            return "macs", float(self.flops)
+        if self.params is not None:
+            return "params", float(self.params)
+        return None
+
+    def override_for(self, module_name: str, module: torch.nn.Module | None) -> float | None:
+        """The override ratio of one module by precedence name > pattern > type, or None.
+
+        Example:
+            >>> p = Policy(overrides={"layer4.*": 0.2, "layer4.0.conv1": 0.0, torch.nn.Linear: 0.1})
+            >>> p.override_for("layer4.1.conv2", None), p.override_for("layer4.0.conv1", None)
+            (0.2, 0.0)
+        """
+        import fnmatch
+        by_type = by_pattern = None
+        for key, ratio in self.overrides:
+            if isinstance(key, str) and key == module_name:
+                return float(ratio)
+            if isinstance(key, str) and any(c in key for c in "*?[") and fnmatch.fnmatchcase(module_name, key):
+                by_pattern = float(ratio) if by_pattern is None else by_pattern
+            elif isinstance(key, type) and module is not None and isinstance(module, key):
+                by_type = float(ratio) if by_type is None else by_type
+        return by_pattern if by_pattern is not None else by_type
 
     def ignores(self, module_name: str, module: torch.nn.Module | None) -> bool:
         """True when ``module_name``/``module`` is listed in ``ignore``.
@@ -91,6 +161,7 @@ class Policy:
         out = dataclasses.asdict(self)
         out["importance"] = name(self.importance)
         out["ignore"] = [name(i) for i in self.ignore]
+        out["overrides"] = [[name(k), r] for k, r in self.overrides]
         return out
 
 

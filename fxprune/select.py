@@ -1,26 +1,24 @@
-"""Stage 5: turn scores into the channels each group loses, under the policy's constraints."""
+"""Stage 5: turn scores into the channels each group loses, under the policy's constraints.
+
+Local scope removes a ratio from every group; global scope ranks all channels after a
+normalisation. A budget (``flops=`` / ``params=``) searches the ratio (local) or the threshold
+(global) by bisection on a cost model, keeping at least what was asked. Every group is clamped
+by its minimum width, rounding and unremovable channels, and a clamp is reported in its note.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 
+from .budget import CostModel, bisect
 from .errors import StageError
 from .policy import Policy, kept_width
+from .select_keys import group_weights, normalised
 
 
-def select(groups: list, scores: dict[int, torch.Tensor], policy: Policy) -> None:
-    """Set ``group.removed`` (and ``group.note`` when the request was clamped) for every group.
-
-    Lowest score goes first; ties go to the lower channel index, so plans are deterministic.
-
-    Example:
-        >>> from fxprune.coupling.groups import Group
-        >>> g = Group(0, 4, [], [], {}, {})
-        >>> select([g], {0: torch.tensor([3., 1., 2., 0.])}, Policy(ratio=0.5))
-        >>> g.removed
-        (1, 3)
-    """
+def _eligible(groups: list, scores: dict, policy: Policy) -> list:
+    out = []
     for g in groups:
         g.removed, g.note = (), ""
         if g.blocked:
@@ -35,22 +33,148 @@ def select(groups: list, scores: dict[int, torch.Tensor], policy: Policy) -> Non
             raise StageError("select", g.name, f"importance returned shape {got}, expected ({g.size},)")
         if not torch.isfinite(s).all():
             raise StageError("select", g.name, "importance returned non-finite scores")
-        _remove_lowest(g, s, policy)
+        out.append(g)
+    return out
 
 
-def _remove_lowest(g, s: torch.Tensor, policy: Policy) -> None:
-    keep = kept_width(g.size, policy.ratio, policy.min_channels, policy.round_to, floor=len(g.pinned))
-    asked = g.size - int(math.floor(policy.ratio * g.size + 1e-9))
+def _lowest(g, s: torch.Tensor, ratio: float, policy: Policy) -> tuple[int, ...]:
+    keep = kept_width(g.size, min(max(ratio, 0.0), 1.0), policy.min_channels, policy.round_to,
+                      floor=len(g.pinned))
     free = [c for c in range(g.size) if c not in g.pinned]
     values = s.tolist()
     order = sorted(free, key=lambda c: (values[c], c))
-    g.removed = tuple(sorted(order[: g.size - keep]))
-    if keep != asked:
+    return tuple(sorted(order[: g.size - keep]))
+
+
+def _group_ratio(g, policy: Policy, modules: dict) -> float | None:
+    found = [policy.override_for(p.owner, modules.get(p.owner)) for p in g.producers]
+    found = [r for r in found if r is not None]
+    return min(found) if found else None
+
+
+class _Selector:
+    """Removal for a scalar knob: the ratio (local scope) or a key quantile (global scope)."""
+
+    def __init__(self, groups, scores, policy, modules, weights):
+        self.groups, self.scores, self.policy = groups, scores, policy
+        self.fixed = {g.id: r for g in groups if (r := _group_ratio(g, policy, modules)) is not None}
+        self.weights = weights
+        if policy.scope == "global":
+            self.keys = {g.id: normalised(scores[g.id], policy.normalize) / weights.get(g.id, 1.0)
+                         for g in groups if g.id not in self.fixed}
+            free = [k for g in groups if g.id in self.keys
+                    for c, k in enumerate(self.keys[g.id].tolist()) if c not in g.pinned]
+            self.sorted_keys = sorted(free)
+
+    def removal(self, knob: float) -> dict[int, tuple]:
+        out = {}
+        threshold = self._threshold(knob) if self.policy.scope == "global" else None
+        for g in self.groups:
+            s = self.scores[g.id]
+            if g.id in self.fixed:
+                ratio = self.fixed[g.id]
+            elif threshold is not None:
+                below = sum(1 for c, k in enumerate(self.keys[g.id].tolist()) if k < threshold and c not in g.pinned)
+                ratio = below / g.size
+            else:
+                ratio = knob * self.weights.get(g.id, 1.0)
+            out[g.id] = _lowest(g, s, ratio, self.policy)
+        return out
+
+    def _threshold(self, quantile: float) -> float:
+        keys = self.sorted_keys
+        if not keys:
+            return -math.inf
+        n = int(math.floor(quantile * len(keys) + 1e-9))
+        return keys[n] if n < len(keys) else math.inf
+
+
+def select(groups: list, scores: dict[int, torch.Tensor], policy: Policy, cost: CostModel | None = None,
+           modules: dict | None = None) -> dict:
+    """Set ``group.removed`` (and ``group.note`` when clamped) for every group; return a summary.
+
+    Lowest score goes first; ties go to the lower channel index, so plans are deterministic.
+
+    Example:
+        >>> from fxprune.coupling.groups import Group
+        >>> g = Group(0, 4, [], [], {}, {})
+        >>> _ = select([g], {0: torch.tensor([3., 1., 2., 0.])}, Policy(ratio=0.5))
+        >>> g.removed
+        (1, 3)
+    """
+    eligible = _eligible(groups, scores, policy)
+    weights = group_weights(eligible, cost) if policy.allocation == "cost" else {}
+    chooser = _Selector(eligible, scores, policy, modules or {}, weights)
+    summary: dict = {"scope": policy.scope}
+    if policy.budget is None and policy.scope == "local":
+        removal = chooser.removal(float(policy.ratio))
+    elif policy.budget is None:  # global ratio: a share of all removable channels, clamps included
+        wanted = int(math.floor(float(policy.ratio) * len(chooser.sorted_keys) + 1e-9))
+        fits = lambda q: sum(len(r) for gid, r in chooser.removal(q).items() if gid not in chooser.fixed) <= wanted
+        removal = chooser.removal(bisect(fits, 0.0, 1.0))
+    else:
+        if cost is None:
+            raise StageError("select", None, "a flops/params budget needs a cost model")
+        metric, target = policy.budget
+        hi = 1.0 if policy.scope == "global" else 1.0 / min(weights.values(), default=1.0)
+        knob = bisect(lambda k: cost.fractions(chooser.removal(k))[metric] >= target - 1e-12, 0.0, hi)
+        removal = _top_up(chooser.removal(knob), chooser, cost, metric, target)
+        achieved = cost.fractions(removal)[metric]
+        summary.update(metric=metric, target=target, achieved=achieved, knob=knob,
+                       met=abs(achieved - target) <= 0.01)
+    for g in eligible:
+        g.removed = removal[g.id]
+        _note_clamp(g, policy, chooser, summary)
+    return summary
+
+
+def _top_up(removal: dict, chooser: _Selector, cost: CostModel, metric: str, target: float,
+            max_tries: int = 4000) -> dict:
+    """After the search, remove single channels (``round_to`` at a time) by lowest normalised
+    score while the budget still holds, so coarse steps do not leave it far from the target."""
+    policy, step = chooser.policy, chooser.policy.round_to or 1
+    removal = {gid: tuple(r) for gid, r in removal.items()}
+    open_groups = {g.id: g for g in chooser.groups if g.id not in chooser.fixed}
+    tries = 0
+    while open_groups and tries < max_tries:
+        candidates = []
+        for gid, g in list(open_groups.items()):
+            gone = set(removal[gid])
+            free = [c for c in range(g.size) if c not in g.pinned and c not in gone]
+            floor = max(policy.min_channels, len(g.pinned))
+            if len(free) < step or g.size - len(gone) - step < floor:
+                del open_groups[gid]
+                continue
+            s = chooser.scores[gid]
+            nxt = sorted(free, key=lambda c: (float(s[c]), c))[:step]
+            key = float(normalised(s, policy.normalize)[nxt[0]]) / chooser.weights.get(gid, 1.0)
+            candidates.append((key, gid, nxt))
+        accepted = False
+        for key, gid, nxt in sorted(candidates):
+            tries += 1
+            trial = {**removal, gid: tuple(sorted(removal[gid] + tuple(nxt)))}
+            if cost.fractions(trial)[metric] >= target - 1e-12:
+                removal, accepted = trial, True
+                break
+            del open_groups[gid]
+        if not accepted:
+            break
+    return removal
+
+
+def _note_clamp(g, policy: Policy, chooser: _Selector, summary: dict) -> None:
+    if policy.budget is not None or policy.scope == "global":
+        if g.kept == len(g.pinned) and g.pinned and g.kept > policy.min_channels:
+            g.note = f"kept {g.kept}: {len(g.pinned)} channels cannot be removed"
+        return
+    ratio = chooser.fixed.get(g.id, float(policy.ratio) * chooser.weights.get(g.id, 1.0))
+    asked = g.size - int(math.floor(min(ratio, 1.0) * g.size + 1e-9))
+    if g.kept != asked:
         why = []
-        if keep == len(g.pinned) or len(g.pinned) > asked:
+        if len(g.pinned) > asked:
             why.append(f"{len(g.pinned)} channels cannot be removed")
         if policy.min_channels > asked:
             why.append(f"min_channels={policy.min_channels}")
         if policy.round_to:
             why.append(f"round_to={policy.round_to}")
-        g.note = f"kept {keep} instead of {asked} ({', '.join(why) or 'rounding'})"
+        g.note = f"kept {g.kept} instead of {asked} ({', '.join(why) or 'rounding'})"

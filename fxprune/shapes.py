@@ -27,9 +27,7 @@ def _shape_of(value: Any) -> Any:
 class _Recorder(ShapeProp):
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        n.meta.setdefault(META_KEY, {})["shape"] = _shape_of(result)
-        if isinstance(result, torch.Tensor):
-            n.meta[META_KEY]["dtype"] = result.dtype
+        _record(n, result)
         return result
 
 
@@ -45,11 +43,16 @@ def _fake_propagate(gm: fx.GraphModule, example_inputs: tuple) -> bool:
     except Exception:
         return False
     for n in gm.graph.nodes:
-        val = n.meta.pop("val", None)
-        n.meta.setdefault(META_KEY, {})["shape"] = _shape_of(val)
-        if isinstance(val, torch.Tensor):
-            n.meta[META_KEY]["dtype"] = val.dtype
+        _record(n, n.meta.pop("val", None))
     return True
+
+
+def _record(n: fx.Node, value: Any) -> None:
+    """Write a fresh meta dict: graph copies share meta dicts shallowly, so never mutate one."""
+    entry = dict(n.meta.get(META_KEY, {}))
+    entry["shape"] = _shape_of(value)
+    entry["dtype"] = value.dtype if isinstance(value, torch.Tensor) else None
+    n.meta[META_KEY] = entry
 
 
 def propagate(gm: fx.GraphModule, example_inputs: tuple, fake: bool = True) -> Any:

@@ -57,9 +57,15 @@ class Verification:
 
 
 def masked_outputs(plan, inputs: tuple) -> Any:
-    """Outputs of the original with ``plan.edits`` applied and removed channels zeroed."""
+    """Outputs of the original with ``plan.edits`` applied and removed channels zeroed (node
+    outputs listed by ``plan.removed_channels()``, parameter rows by ``plan.masked_params()``)."""
     ref = copy.deepcopy(plan.traced)
     _apply_edits(ref, plan.edits)
+    for target, (dim, idx) in plan.masked_params().items():
+        *path, name = target.split(".")
+        tensor = getattr(ref.get_submodule(".".join(path)) if path else ref, name)
+        with torch.no_grad():
+            tensor.index_fill_(dim, torch.tensor(idx, dtype=torch.long, device=tensor.device), 0)
     ref.eval()
     with torch.no_grad():
         return MaskedInterpreter(ref, plan.removed_channels()).run(*inputs)

@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from conftest import assert_unchanged, snapshot
-from fxprune.export import (FORMATS, ExportError, LoadError, check_onnx, export, load, save)
+from fxprune.exporters import (FORMATS, ExportError, LoadError, check_onnx, export, load, save)
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -241,7 +241,7 @@ LOAD_SCRIPT = textwrap.dedent("""
     x, expected = torch.load(folder + "/io.pt")
     assert torch.equal(raw["module"](x), expected)
     assert raw["module"].meta == {}
-    from fxprune.export import load, LoadError
+    from fxprune.exporters import load, LoadError
     loaded = load(folder + "/model.pt")
     assert torch.equal(loaded(x), expected) and not loaded.training
     try:

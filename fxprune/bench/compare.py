@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .latency import (BenchError, LatencyStats, ModelRunner, _check_counts, timing_session)
+from .latency import (BenchError, LatencyStats, ModelRunner, check_counts, timing_session)
 
 JSON_SCHEMA = "fxprune.bench"
 JSON_VERSION = 1
@@ -134,7 +134,7 @@ def compare(original: torch.nn.Module, pruned: torch.nn.Module, example_inputs: 
         >>> record.name, record.ideal_speedup, record.original.runs
         ('fc', 2.0, 3)
     """
-    _check_counts(warmup, runs)
+    check_counts(warmup, runs)
     options = dict(device=device, dtype=dtype, channels_last=channels_last, compile=compile)
     runners = (ModelRunner(original, example_inputs, **options),
                ModelRunner(pruned, example_inputs, **options))

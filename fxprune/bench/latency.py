@@ -290,7 +290,13 @@ def timing_session(device: torch.device, threads: int | None = None) -> Iterator
         torch.set_num_threads(previous_threads)
 
 
-def _check_counts(warmup: int, runs: int) -> None:
+def check_counts(warmup: int, runs: int) -> None:
+    """Reject a negative warm-up or fewer than one timed run.
+
+    Example:
+        >>> check_counts(0, 1) is None
+        True
+    """
     if warmup < 0 or runs < 1:
         raise BenchError(f"need warmup >= 0 and runs >= 1, got warmup={warmup}, runs={runs}")
 
@@ -313,7 +319,7 @@ def measure(model: torch.nn.Module, example_inputs: Any, device: str = "cpu",
         >>> stats.runs, stats.batch, stats.median_ms > 0
         (3, 8, True)
     """
-    _check_counts(warmup, runs)
+    check_counts(warmup, runs)
     runner = ModelRunner(model, example_inputs, device, dtype, channels_last, compile)
     with timing_session(runner.device, threads) as used_threads:
         runner.warm_up(warmup)

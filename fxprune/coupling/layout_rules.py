@@ -7,6 +7,7 @@ from typing import Any
 import torch.fx as fx
 
 from .rules import arg, describe, ndim, norm_dim, opaque
+from .shuffle import split_channel_dim
 from .state import Analysis, ChannelInfo, ParamRef
 from ..shapes import is_tensor_shape
 
@@ -112,7 +113,8 @@ def _as_flatten(in_shape: tuple, out_shape: tuple) -> tuple[int, int] | None:
 
 
 def reshape(an: Analysis, node: fx.Node) -> Any:
-    """view/reshape: supported when the channel dim is untouched, or merged as in a flatten."""
+    """view/reshape: supported when the channel dim is untouched, merged as in a flatten, or
+    split (see ``shuffle.split_channel_dim``)."""
     x = arg(node, 0, "input")
     v = an.tensor_info(x)
     in_shape, out_shape = an.shape(x), an.shape(node)
@@ -127,6 +129,9 @@ def reshape(an: Analysis, node: fx.Node) -> Any:
     merged = _as_flatten(in_shape, out_shape)
     if merged is not None:
         return _moved_by_flatten(v, in_shape, *merged)
+    split = split_heads(an, node, v, in_shape, out_shape) or split_channel_dim(an, node, v, in_shape, out_shape)
+    if split is not None:
+        return split
     return opaque(an, node, f"{describe(node)} reshapes the channel dim {in_shape} -> {out_shape}")
 
 

@@ -14,7 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import layout_rules as L
+from . import conv_rules as C
+from . import norm_rules as N
 from . import rules as R
+from . import shuffle as S
+from . import attention_rules as A
+from . import tensor_rules as T
 
 Rule = Callable[..., Any]
 P = functools.partial
@@ -29,7 +34,7 @@ _ACTIVATION_FUNCTIONS = [
 _ARITHMETIC_FUNCTIONS = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
     operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
-    torch.minimum, torch.where,
+    torch.minimum, torch.where, operator.floordiv, operator.mod, operator.pow, torch.pow,
 ]
 _POOL_FUNCTIONS = {
     F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
@@ -49,13 +54,22 @@ FUNCTION_RULES: dict[Any, Rule] = {
     **{f: P(R.passthrough, spatial=k) for f, k in _POOL_FUNCTIONS.items()},
     F.interpolate: P(R.passthrough, spatial=None),
     F.upsample: P(R.passthrough, spatial=None),
-    F.pad: P(R.passthrough, spatial=None),
+    F.pad: T.pad,
     F.softmax: P(R.along_dim, dim_pos=1), F.log_softmax: P(R.along_dim, dim_pos=1),
     torch.softmax: P(R.along_dim, dim_pos=1), torch.log_softmax: P(R.along_dim, dim_pos=1),
-    torch.mean: R.reduction, torch.amax: R.reduction, torch.amin: R.reduction,
+    torch.mean: P(R.reduction, rescale=True), torch.amax: R.reduction, torch.amin: R.reduction,
     torch.sum: P(R.reduction, exact_over_channels=True),
-    F.conv1d: P(R.conv_functional, spatial=1), F.conv2d: P(R.conv_functional, spatial=2),
-    F.conv3d: P(R.conv_functional, spatial=3), F.linear: R.linear_functional,
+    F.conv1d: P(C.conv_functional, spatial=1), F.conv2d: P(C.conv_functional, spatial=2),
+    F.conv3d: P(C.conv_functional, spatial=3), F.linear: R.linear_functional,
+    F.conv_transpose1d: P(C.conv_functional, spatial=1, transposed=True),
+    F.conv_transpose2d: P(C.conv_functional, spatial=2, transposed=True),
+    F.conv_transpose3d: P(C.conv_functional, spatial=3, transposed=True),
+    F.group_norm: N.group_norm_functional, F.layer_norm: N.layer_norm_functional,
+    F.rms_norm: P(N.layer_norm_functional, bias_pos=None), F.prelu: N.prelu_functional,
+    F.instance_norm: P(N.functional_norm, positions={"running_mean": 1, "running_var": 2, "weight": 3, "bias": 4}),
+    F.batch_norm: P(N.functional_norm, positions={"running_mean": 1, "running_var": 2, "weight": 3, "bias": 4}),
+    F.normalize: P(R.along_dim, dim_pos=2, default=1, exact_if_channel=True),
+    torch.channel_shuffle: S.channel_shuffle,
     torch.cat: L.cat, torch.concat: L.cat, torch.concatenate: L.cat, torch.stack: L.stack,
     torch.flatten: L.flatten, torch.reshape: L.reshape, torch.permute: L.permute,
     torch.transpose: L.transpose, torch.split: L.split, torch.chunk: P(L.split, chunks=True),
@@ -66,12 +80,12 @@ FUNCTION_RULES: dict[Any, Rule] = {
 _ELEMENTWISE_METHODS = [
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "relu", "relu_", "sigmoid", "sigmoid_",
     "tanh", "tanh_", "exp", "abs", "neg", "sqrt", "rsqrt", "clamp", "clamp_", "clamp_min", "clamp_max",
-    "contiguous", "clone", "detach", "float", "double", "half", "to", "type_as", "__add__", "__mul__",
+    "contiguous", "clone", "detach", "float", "double", "half", "to", "type_as", "__add__", "__mul__", "pow",
 ]
 METHOD_RULES: dict[str, Rule] = {
     **{m: R.elementwise for m in _ELEMENTWISE_METHODS},
     "softmax": P(R.along_dim, dim_pos=1), "log_softmax": P(R.along_dim, dim_pos=1),
-    "mean": R.reduction, "amax": R.reduction, "amin": R.reduction,
+    "mean": P(R.reduction, rescale=True), "amax": R.reduction, "amin": R.reduction,
     "sum": P(R.reduction, exact_over_channels=True),
     "flatten": L.flatten, "view": L.reshape, "reshape": L.reshape, "permute": L.permute,
     "transpose": L.transpose, "split": L.split, "chunk": P(L.split, chunks=True),
@@ -97,13 +111,43 @@ MODULE_RULES: dict[type, Rule] = {
     nn.UpsamplingBilinear2d: P(R.passthrough, spatial=None),
     nn.Softmax: lambda an, node: _module_along_dim(an, node),
     nn.LogSoftmax: lambda an, node: _module_along_dim(an, node),
-    nn.Conv1d: R.conv_module, nn.Conv2d: R.conv_module, nn.Conv3d: R.conv_module,
-    nn.ConvTranspose1d: R.conv_module, nn.ConvTranspose2d: R.conv_module, nn.ConvTranspose3d: R.conv_module,
+    nn.Conv1d: C.conv_module, nn.Conv2d: C.conv_module, nn.Conv3d: C.conv_module,
+    nn.ConvTranspose1d: C.conv_module, nn.ConvTranspose2d: C.conv_module, nn.ConvTranspose3d: C.conv_module,
     nn.Linear: R.linear_module,
     nn.BatchNorm1d: R.batch_norm_module, nn.BatchNorm2d: R.batch_norm_module,
     nn.BatchNorm3d: R.batch_norm_module,
     nn.Flatten: L.flatten,
+    nn.GroupNorm: N.group_norm_module, nn.LayerNorm: N.layer_norm_module, nn.RMSNorm: N.layer_norm_module,
+    nn.InstanceNorm1d: N.instance_norm_module, nn.InstanceNorm2d: N.instance_norm_module,
+    nn.InstanceNorm3d: N.instance_norm_module, nn.PReLU: N.prelu_module,
+    nn.ChannelShuffle: S.channel_shuffle, nn.Softmax2d: P(R.along_dim, dim_pos=1, default=-3),
 }
+
+
+# -- transformer building blocks (tensor_rules, attention_rules) ----------------------------
+FUNCTION_RULES.update({
+    torch._assert: T.no_channels, torch.roll: T.roll, torch.broadcast_to: T.expand,
+    torch.unsqueeze: T.unsqueeze, torch.squeeze: T.squeeze, torch.movedim: T.movedim,
+    torch.moveaxis: T.movedim, torch.swapaxes: L.transpose, torch.swapdims: L.transpose,
+    torch.einsum: T.einsum, torch.matmul: T.matmul, operator.matmul: T.matmul, torch.bmm: T.matmul,
+    F.scaled_dot_product_attention: T.scaled_dot_product_attention,
+    operator.getitem: T.getitem,  # adds parameter tables gathered by index to L.getitem
+})
+METHOD_RULES.update({
+    "expand": T.expand, "expand_as": T.expand, "repeat": T.repeat, "unsqueeze": T.unsqueeze,
+    "squeeze": T.squeeze, "movedim": T.movedim, "moveaxis": T.movedim, "swapaxes": L.transpose,
+    "swapdims": L.transpose, "roll": T.roll, "matmul": T.matmul, "bmm": T.matmul,
+})
+MODULE_RULES[nn.MultiheadAttention] = A.multihead_attention
+try:  # torchvision's Swin functions are kept whole by torch.fx.wrap
+    from torchvision.models import swin_transformer as _swin
+    FUNCTION_RULES.update({
+        _swin.shifted_window_attention: A.shifted_window_attention,
+        _swin._get_relative_position_bias: A.relative_position_bias,
+        _swin._patch_merging_pad: A.patch_merging_pad,
+    })
+except ImportError:  # pragma: no cover
+    pass
 
 
 _METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
@@ -118,11 +162,9 @@ def _getattr(an, node):
 
 def _module_along_dim(an, node):
     m = an.modules[node.target]
-    v = an.tensor_info(node.args[0])
-    nd = R.ndim(an, node.args[0])
-    if v is None or m.dim is None or R.norm_dim(m.dim, nd) == v.dim:
-        return R.opaque(an, node, f"{R.describe(node)} works along the channel dim and mixes channels")
-    return R.passthrough(an, node)
+    if m.dim is None:
+        return R.opaque(an, node, f"{R.describe(node)}: dim=None picks the dim at run time")
+    return R.along_dim(an, node, dim_pos=1, default=m.dim)
 
 
 def rule_for(an, node) -> Rule | None:

@@ -140,19 +140,26 @@ def passthrough(an: Analysis, node: fx.Node, spatial: int | None = 0, x_pos: int
 
 def along_dim(an: Analysis, node: fx.Node, dim_pos: int, dim_name: str = "dim", default: int = -1,
               exact_if_channel: bool = False) -> Any:
-    """Op acting along one dim (softmax): per-channel unless that dim is the channel dim."""
+    """Op acting along one dim (softmax): per-channel unless that dim is the channel dim, where
+    it mixes channels (inexact, with the reason) unless ``exact_if_channel`` (e.g. ``F.normalize``:
+    a zeroed channel adds nothing to a p-norm, so removing it is exact)."""
     v = an.tensor_info(arg(node, 0, "input"))
     nd = ndim(an, arg(node, 0, "input"))
     if v is None or nd is None:
         return opaque(an, node)
     d = arg(node, dim_pos, dim_name, default)
-    if not isinstance(d, int) or norm_dim(d, nd) == v.dim:
-        return opaque(an, node, f"{describe(node)} works along the channel dim and mixes channels")
+    if not isinstance(d, int):
+        return opaque(an, node, f"{describe(node)}: the dim it works along is not a literal int")
+    if norm_dim(d, nd) == v.dim and not exact_if_channel:
+        an.units.mark_inexact(v.units, f"{describe(node)} works along the channel dim: removing a "
+                                       "channel changes the others' values")
     return passthrough(an, node, spatial=0)
 
 
-def reduction(an: Analysis, node: fx.Node, exact_over_channels: bool = False) -> Any:
-    """mean/sum/amax over some dims: the channel dim must survive (or be summed, which is exact)."""
+def reduction(an: Analysis, node: fx.Node, exact_over_channels: bool = False, rescale: bool = False) -> Any:
+    """mean/sum/amax over some dims. Over the channel dim: a sum is exact (a zeroed channel adds
+    nothing); a mean is exact once rescaled by kept/total (the rewrite inserts the factor);
+    anything else (amax, amin) mixes channels and marks them inexact, with the reason."""
     x = arg(node, 0, "input")
     v = an.tensor_info(x)
     nd = ndim(an, x)
@@ -166,9 +173,12 @@ def reduction(an: Analysis, node: fx.Node, exact_over_channels: bool = False) ->
         return opaque(an, node)
     dims = sorted(norm_dim(d, nd) for d in dims)
     if v.dim in dims:
-        if exact_over_channels:
-            return an.fresh(node, out_shape, "opaque", f"sum over channels at node {node.name!r}")
-        return opaque(an, node, f"{describe(node)} reduces over the channel dim and mixes channels")
+        if rescale:
+            an.rewrite_literal(node, "mean_rescale", v.units)
+        elif not exact_over_channels:
+            an.units.mark_inexact(v.units, f"{describe(node)} reduces over the channel dim: removing a "
+                                           "channel changes the result")
+        return an.fresh(node, out_shape, "opaque", f"{describe(node)} reduces over the channel dim")
     od = v.dim if keep else v.dim - sum(1 for d in dims if d < v.dim)
     return ChannelInfo(od, v.units)
 

@@ -59,6 +59,9 @@ class Analysis:
         self.modules = dict(gm.named_modules())
         self.blocked_ops: list[tuple[str, str]] = []
         self.resized: dict[str, str] = {}
+        self.mask_sites: set[tuple[str, int]] = set()
+        self.module_widths: dict[str, tuple[int, ...]] = {}
+        self.literals: dict[str, tuple[str, Any]] = {}
 
     # -- values -------------------------------------------------------------------------
     def value(self, arg: Any) -> Any:
@@ -115,6 +118,25 @@ class Analysis:
                 prior.role = "producer"
         else:
             self.params[key] = ParamSlice(target, dim, role, units, owner)
+
+    def size_module(self, target: str, units: Sequence[int], why: str) -> None:
+        """Declare that module ``target``'s size attributes follow ``units`` (needed when it has
+        no tensor to slice, e.g. ``GroupNorm(affine=False)``); a second call couples them."""
+        units = tuple(units)
+        if target in self.module_widths:
+            self.units.union(self.module_widths[target], units, "shared", f"{target} called at several places ({why})")
+        else:
+            self.module_widths[target] = units
+
+    def rewrite_literal(self, node: fx.Node, kind: str, payload: Any) -> None:
+        """Ask the rewrite to update a literal argument of ``node`` (see ``fxprune.rewrite.literals``)."""
+        self.literals[node.name] = (kind, payload)
+
+    def mask_at(self, target: str, dim: int) -> None:
+        """Channels that no node output shows (inside a leaf module or a wrapped function, e.g.
+        attention q/k/v) are masked at their producer: the oracle zeroes the removed positions
+        of ``target`` along ``dim`` (declared with ``slice_param`` first)."""
+        self.mask_sites.add((target, dim))
 
     def producer_units(self, target: str, dim: int, size: int, key: Any) -> tuple[int, ...]:
         """The output units of a producer weight: new ones, or the existing ones of a shared module."""

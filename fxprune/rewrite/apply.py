@@ -6,6 +6,7 @@ import copy
 import torch
 import torch.fx as fx
 
+from .literals import rewrite as rewrite_literal
 from .slicers import fix_module, hyper_parameters, replace_tensor
 from ..coupling.rules import arg
 from ..coupling.state import ChannelInfo
@@ -46,8 +47,22 @@ def _copy_sharing(traced: fx.GraphModule, slices: list) -> fx.GraphModule:
     return copy.deepcopy(traced, memo)
 
 
-def _slice_tensors(gm: fx.GraphModule, slices: list) -> None:
+def _module_widths(plan, removed: set) -> dict[str, int]:
+    """Kept width of every module whose size attributes follow channel units (see
+    ``Analysis.size_module``), for those that lose channels."""
+    out = {}
+    for target, units in plan.analysis.module_widths.items():
+        kept = len(plan.kept_positions(units, removed))
+        if kept != len(units):
+            out[target] = kept
+    return out
+
+
+def _slice_tensors(gm: fx.GraphModule, slices: list, widths: dict[str, int]) -> None:
     before = {}
+    for target in widths:
+        owner = gm.get_submodule(target)
+        before[id(owner)] = (owner, {**hyper_parameters(owner), "kept": widths[target]})
     for target, dim, keep in slices:
         owner, name = _owner(gm, target)
         if owner is not gm and id(owner) not in before:
@@ -61,7 +76,10 @@ def _slice_tensors(gm: fx.GraphModule, slices: list) -> None:
 
 def _rewrite_literals(gm: fx.GraphModule, plan, removed: set) -> None:
     info = plan.analysis.info
-    for node in gm.graph.nodes:
+    kept = lambda units: len(plan.kept_positions(units, removed))
+    for node in list(gm.graph.nodes):
+        if node.name in plan.analysis.literals:
+            rewrite_literal(node, *plan.analysis.literals[node.name], kept)
         if node.name in plan.analysis.resized:
             _rewrite_split(node, info[node.name], plan, removed)
         elif node.target in ("view", "reshape", torch.reshape) and isinstance(info.get(node.name), ChannelInfo):
@@ -88,8 +106,9 @@ def _rewrite_shape(node: fx.Node, out: ChannelInfo, plan, removed: set) -> None:
     dims = list(rest[0]) if packed else rest
     if "shape" in node.kwargs:
         dims, packed = list(node.kwargs["shape"]), None
-    if out.dim < len(dims) and isinstance(dims[out.dim], int) and dims[out.dim] != -1:
-        dims[out.dim] = kept
+    size = dims[out.dim] if out.dim < len(dims) else -1
+    if isinstance(size, fx.Node) or (isinstance(size, int) and size != -1):
+        dims[out.dim] = kept  # a size read off another tensor (x.shape[-1]) may not shrink with it
         if packed is None:
             node.kwargs = {**node.kwargs, "shape": tuple(dims)}
         else:
@@ -146,7 +165,7 @@ def apply(plan) -> fx.GraphModule:
     gm.meta.pop("fxprune", None)
     try:
         _apply_edits(gm, plan.edits)
-        _slice_tensors(gm, slices)
+        _slice_tensors(gm, slices, _module_widths(plan, removed))
         _rewrite_literals(gm, plan, removed)
         finish(gm)
     except (StageError, VerificationError):

@@ -58,12 +58,87 @@ def _batch_norm(m: nn.Module, before: dict) -> None:
     m.num_features = ref.shape[0]
 
 
+def _width(m: nn.Module, before: dict, *names: str) -> int | None:
+    """The kept channel count: from the first present tensor in ``names``, else the planned width."""
+    for name in names:
+        t = getattr(m, name, None)
+        if isinstance(t, torch.Tensor):
+            return t.shape[0]
+    return before.get("kept")
+
+
+def _instance_norm(m: nn.Module, before: dict) -> None:
+    width = _width(m, before, "weight", "running_mean")
+    if width is not None:
+        m.num_features = width
+
+
+def _group_norm(m: nn.Module, before: dict) -> None:
+    width = _width(m, before, "weight", "bias")
+    if width is None:
+        return
+    if before["num_groups"] > 1:
+        m.num_groups = width // (before["num_channels"] // before["num_groups"])
+    m.num_channels = width
+
+
+def _layer_norm(m: nn.Module, before: dict) -> None:
+    w = getattr(m, "weight", None)
+    if isinstance(w, torch.Tensor):
+        m.normalized_shape = tuple(w.shape)
+    elif "kept" in before:
+        m.normalized_shape = tuple(before["normalized_shape"][:-1]) + (before["kept"],)
+
+
+def _prelu(m: nn.Module, before: dict) -> None:
+    m.num_parameters = m.weight.numel()
+
+
+def _multihead_attention(m: nn.Module, before: dict) -> None:
+    """Whole heads removed ("kept" = kept heads): head_dim stays. Per-head dims removed: num_heads
+    stays and the kept query rows are scaled by sqrt(d'/d), so q.k / sqrt(d') equals the original
+    q.k / sqrt(d) over the kept dims (removing dims is then exact, see ``attention_rules``)."""
+    packed = m._qkv_same_embed_dim
+    q_weight = m.in_proj_weight if packed else m.q_proj_weight
+    width = q_weight.shape[0] // 3 if packed else q_weight.shape[0]
+    old_head_dim = before["embed_dim"] // before["num_heads"]
+    m.num_heads = before.get("kept", before["num_heads"])
+    m.embed_dim, m.head_dim = width, width // m.num_heads
+    m.kdim, m.vdim = (width, width) if packed else (m.k_proj_weight.shape[1], m.v_proj_weight.shape[1])
+    if m.head_dim != old_head_dim:
+        scale = (m.head_dim / old_head_dim) ** 0.5
+        with torch.no_grad():
+            q_weight[:width].mul_(scale)
+            if m.in_proj_bias is not None:
+                m.in_proj_bias[:width].mul_(scale)
+
+
+def _heads_from(table: str, dim: int, attr: str) -> Callable[[nn.Module, dict], None]:
+    """Fixer of a module whose head count is the size of one of its per-head tensors."""
+    def fix(m: nn.Module, before: dict) -> None:
+        t = getattr(m, table, None)
+        if isinstance(t, torch.Tensor) and t.dim() > dim:
+            setattr(m, attr, t.shape[dim])
+    return fix
+
+
 FIXERS: dict[type, Callable[[nn.Module, dict], None]] = {
+    nn.MultiheadAttention: _multihead_attention,
     nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv,
     nn.ConvTranspose1d: _conv, nn.ConvTranspose2d: _conv, nn.ConvTranspose3d: _conv,
     nn.Linear: _linear,
     nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm, nn.BatchNorm3d: _batch_norm,
+    nn.InstanceNorm1d: _instance_norm, nn.InstanceNorm2d: _instance_norm, nn.InstanceNorm3d: _instance_norm,
+    nn.GroupNorm: _group_norm, nn.LayerNorm: _layer_norm, nn.RMSNorm: _layer_norm, nn.PReLU: _prelu,
 }
+
+try:  # torchvision attention blocks keep a head count next to their per-head tables
+    from torchvision.models import maxvit as _maxvit, swin_transformer as _swin
+    FIXERS[_swin.ShiftedWindowAttention] = _heads_from("relative_position_bias_table", 1, "num_heads")
+    FIXERS[_swin.ShiftedWindowAttentionV2] = _heads_from("logit_scale", 0, "num_heads")
+    FIXERS[_maxvit.RelativePositionalMultiHeadAttention] = _heads_from("relative_position_bias_table", 1, "n_heads")
+except ImportError:  # pragma: no cover
+    pass
 
 SIZE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
               "num_channels", "num_groups", "num_parameters", "normalized_shape", "embed_dim", "num_heads")

@@ -25,6 +25,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from .errors import FxPruneError
+
 FORMATS = ("torchscript-trace", "torchscript-script", "onnx", "onnx-dynamo", "torch-export")
 SAVE_FORMAT = "fxprune.module"
 SAVE_VERSION = 1
@@ -43,7 +45,7 @@ _HINTS = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(FxPruneError, ValueError):
     """Exporting, or checking an exported file, failed; the message says what and what to try.
 
     Example:
@@ -59,7 +61,7 @@ class ExportError(ValueError):
         super().__init__(f"export as {format!r} failed: {reason} (hint: {hint})")
 
 
-class LoadError(ValueError):
+class LoadError(FxPruneError, ValueError):
     """A saved module could not be loaded; the message names the file and what is wrong with it.
 
     Example:
@@ -108,8 +110,9 @@ def _export_onnx_dynamo(model, path, inputs, opset):
     if importlib.util.find_spec("onnxscript") is None:
         raise ExportError("onnx-dynamo", "the package 'onnxscript' is not installed",
                           "`pip install onnxscript`, or use format='onnx'")
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     torch.onnx.export(model, inputs, path, dynamo=True, opset_version=opset, verbose=False,
-                      external_data=False)
+                      external_data=weight_bytes > 1_500_000_000)  # protobuf's 2 GB limit
 
 
 def _export_torch_export(model, path, inputs, opset):
@@ -315,7 +318,7 @@ def _read(path: Path, map_location: Any) -> Any:
     except (ModuleNotFoundError, AttributeError, ImportError) as err:
         raise LoadError(path, f"the file refers to code that cannot be imported here "
                         f"({_describe(err, 300)}); make the model's module importable, or save "
-                        "a traced GraphModule with fxprune.export.save") from err
+                        "a traced GraphModule with fxprune.exporters.save") from err
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError,
             TypeError, KeyError, IndexError, OSError, UnicodeDecodeError) as err:
         size = path.stat().st_size

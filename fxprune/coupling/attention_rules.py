@@ -1,0 +1,273 @@
+"""Channel semantics of attention blocks whose head space is hidden inside one call:
+``nn.MultiheadAttention`` (a leaf module) and torchvision's fx-wrapped Swin functions.
+
+Both derive their head width from the *input* width (``embed_dim == query.shape[-1]``,
+``head_dim = C // num_heads``), so the q/k/v/output projections' internal dims cannot shrink
+unless the embedding dim they read shrinks with them. The rules therefore put the embedding
+units, the q/k/v rows and the output projection in one channel space, coarsened so that the
+head structure survives:
+
+- ``"heads"`` (default): the d embedding channels of a head form one unit: whole heads go
+  (``num_heads`` shrinks, ``head_dim`` stays).
+- ``"dims"`` (``nn.MultiheadAttention`` only): channel j of every head forms one unit: the
+  same per-head dims go in every head (``num_heads`` stays, ``head_dim`` shrinks).
+
+Exactness, against the mask oracle: the q/k/v rows are *mask sites* (``Analysis.mask_at``): the
+oracle zeroes the removed rows of the projection weight and bias, i.e. it zeroes the removed
+q/k/v channels inside the call. A removed head then has v = 0, so its output, and its share of
+the output projection, is zero: removing whole heads is exact. Removing dim j of every head
+drops the term q_j k_j from the logits (as the masked q_j = 0 does) but also changes the
+softmax scale 1/sqrt(d) to 1/sqrt(d'); the ``nn.MultiheadAttention`` fixer scales the kept
+query rows by sqrt(d'/d), which makes per-head-dim removal exact too. The embedding channels
+themselves usually pass through a LayerNorm before attention, which makes the whole space
+approximate: that mark comes from the LayerNorm rule, not from here.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Sequence
+
+import torch.fx as fx
+
+from .conv_rules import couple_blocks
+from .rules import arg, describe, ndim, opaque
+from .state import Analysis, ChannelInfo, ParamRef
+from .tensor_rules import param_channels
+
+
+def coarsen(an: Analysis, units: Sequence[int], heads: int, mode: str, why: str) -> tuple[int, ...]:
+    """Merge the units of an embedding space by head structure; returns one unit per head
+    (``"heads"``) or per head dim (``"dims"``).
+
+    Example:
+        >>> import torch
+        >>> an = Analysis(torch.fx.symbolic_trace(torch.nn.Identity()))
+        >>> u = an.units.new_atom("e", 6, "producer")
+        >>> reps = coarsen(an, u, 2, "heads", "example")
+        >>> len({an.units.find(x) for x in u}), len(reps)
+        (2, 2)
+    """
+    units = tuple(units)
+    d = len(units) // heads
+    if mode == "heads":
+        for h in range(heads):
+            block = units[h * d:(h + 1) * d]
+            an.units.union(block, (block[0],) * d, "heads", f"{why}: whole heads of {d} channels")
+        return tuple(units[h * d] for h in range(heads))
+    return couple_blocks(an, units, heads, f"{why}: the same dim of every head")
+
+
+_CONTRACTIONS = {"einsum", "matmul", "bmm", "scaled_dot_product_attention", "__matmul__"}
+_TRANSPARENT = {"permute", "transpose", "swapaxes", "contiguous", "mul", "truediv", "div", "to", "float", "clone"}
+
+
+def _feeds_contraction(node: fx.Node, depth: int = 4) -> bool:
+    """True when ``node`` reaches a matmul-like op through layout and scaling ops only."""
+    for user in node.users:
+        name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+        if name in _CONTRACTIONS:
+            return True
+        if depth and name in _TRANSPARENT and _feeds_contraction(user, depth - 1):
+            return True
+    return False
+
+
+def split_heads(an: Analysis, node: fx.Node, v: ChannelInfo, in_shape: tuple, out_shape: tuple) -> Any:
+    """A view/reshape ``(..., C) -> (..., heads, C // heads)`` whose result feeds a matmul/einsum
+    (attention): the outer axis carries the channels and whole heads go together, so that the
+    heads stay a batch dim of the contractions. None when the view is not such a split.
+
+    Example:
+        >>> import torch, fxprune
+        >>> class Heads(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.qkv, self.out = torch.nn.Linear(4, 24), torch.nn.Linear(8, 4)
+        ...     def forward(self, x):
+        ...         q, k, v = [t.reshape(2, 5, 2, 4).transpose(1, 2) for t in self.qkv(x).chunk(3, -1)]
+        ...         a = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        ...         return self.out(a.transpose(1, 2).reshape(2, 5, 8))
+        >>> p = fxprune.plan(Heads(), fxprune.Policy(ratio=0.5), (torch.randn(2, 5, 4),))
+        >>> [(g.size, g.kept, g.exact) for g in p.groups]
+        [(2, 1, True)]
+    """
+    cd = v.dim
+    if len(out_shape) != len(in_shape) + 1 or tuple(in_shape[:cd]) != tuple(out_shape[:cd]) \
+            or tuple(in_shape[cd + 1:]) != tuple(out_shape[cd + 2:]) or out_shape[cd] < 2 \
+            or out_shape[cd] * out_shape[cd + 1] != in_shape[cd] or not _feeds_contraction(node):
+        return None
+    why = f"{describe(node)} splits the channel dim into {out_shape[cd]} heads of {out_shape[cd + 1]}"
+    return ChannelInfo(cd, coarsen(an, v.units, out_shape[cd], "heads", why))
+
+
+def _tracked_last(an: Analysis, x: Any) -> ChannelInfo | None:
+    v = an.tensor_info(x)
+    nd = ndim(an, x)
+    return v if v is not None and nd is not None and v.dim == nd - 1 else None
+
+
+def _weights_used(node: fx.Node, need_weights: Any) -> bool:
+    """True when the averaged attention weights (output 1) are read by anything."""
+    if need_weights is False:
+        return False
+    for user in node.users:
+        if user.op == "call_function" and user.target is operator.getitem and (user.args[1] == 0 or not user.users):
+            continue
+        return True
+    return False
+
+
+def _mha_problem(an: Analysis, node: fx.Node, m: Any) -> str | None:
+    q = arg(node, 0, "query")
+    if _tracked_last(an, q) is None:
+        return "the query's channels are not tracked on its last dim"
+    mask = arg(node, 5, "attn_mask")
+    if isinstance(mask, fx.Node) and ndim(an, mask) == 3:
+        return "a per-head attn_mask of shape (N*num_heads, L, S) is not supported"
+    if len(_tracked_last(an, q).units) != m.embed_dim:
+        return "query width differs from embed_dim"
+    return None
+
+
+def _mha_projections(an: Analysis, node: fx.Node, m: Any, units: tuple, why: str) -> None:
+    t = node.target
+    q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
+    inputs = []
+    if m._qkv_same_embed_dim:
+        an.slice_param(f"{t}.in_proj_weight", 0, "producer", units * 3, t, why)
+        an.mask_at(f"{t}.in_proj_weight", 0)
+        inputs = [(x, f"{t}.in_proj_weight") for x in (q, k, v)]
+    else:
+        for x, name in ((q, "q_proj_weight"), (k, "k_proj_weight"), (v, "v_proj_weight")):
+            an.slice_param(f"{t}.{name}", 0, "producer", units, t, why)
+            an.mask_at(f"{t}.{name}", 0)
+            inputs.append((x, f"{t}.{name}"))
+    for x, weight in inputs:
+        xi = _tracked_last(an, x)
+        if xi is not None and len(xi.units) == an.param_tensor(weight).shape[1]:
+            an.slice_param(weight, 1, "consumer", xi.units, t, why)
+        else:
+            an.pin_value(an.value(x), f"{why}: key/value channels are not tracked on the last dim")
+            an.units.pin(units, f"{why}: key/value channels are not tracked on the last dim")
+    if m.in_proj_bias is not None:
+        an.slice_param(f"{t}.in_proj_bias", 0, "passenger", units * 3, t, why)
+        an.mask_at(f"{t}.in_proj_bias", 0)
+    for name in ("bias_k", "bias_v"):
+        if getattr(m, name, None) is not None:
+            an.slice_param(f"{t}.{name}", 2, "passenger", units, t, why)
+            an.mask_at(f"{t}.{name}", 2)
+    an.slice_param(f"{t}.out_proj.weight", 1, "consumer", units, f"{t}.out_proj", why)
+    an.slice_param(f"{t}.out_proj.weight", 0, "producer", units, f"{t}.out_proj", why)
+    if m.out_proj.bias is not None:
+        an.slice_param(f"{t}.out_proj.bias", 0, "passenger", units, f"{t}.out_proj", why)
+
+
+def multihead_attention(an: Analysis, node: fx.Node, mode: str = "heads") -> Any:
+    """``nn.MultiheadAttention`` as a leaf: whole heads (or, with ``mode="dims"``, the same
+    per-head dims in every head) go together with the embedding channels they read.
+
+    Example:
+        >>> import torch, fxprune
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.inp, self.mha = torch.nn.Linear(4, 8), torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        ...         self.out = torch.nn.Linear(8, 3)
+        ...     def forward(self, x):
+        ...         h = self.inp(x)
+        ...         return self.out(self.mha(h, h, h, need_weights=False)[0])
+        >>> p = fxprune.plan(Net(), fxprune.Policy(ratio=0.5), (torch.randn(2, 5, 4),))
+        >>> [(g.size, g.kept) for g in p.groups]
+        [(2, 1)]
+    """
+    m = an.modules[node.target]
+    why = describe(node)
+    problem = _mha_problem(an, node, m)
+    if problem:
+        return opaque(an, node, f"{why}: {problem}")
+    q = arg(node, 0, "query")
+    units = _tracked_last(an, q).units
+    reps = coarsen(an, units, m.num_heads, mode, why)
+    _mha_projections(an, node, m, units, why)
+    if _weights_used(node, arg(node, 4, "need_weights", True)):
+        an.units.pin(units, f"{why}: its attention weights (averaged over heads) are used")
+    if mode == "heads":
+        an.size_module(node.target, reps, why)  # the fixer reads the kept heads as "kept"
+    out = ChannelInfo(ndim(an, q) - 1, units)
+    shape = an.shape(node)
+    return (out, None) if isinstance(shape, tuple) and len(shape) == 2 and not isinstance(shape[0], int) else out
+
+
+def multihead_attention_dims(an: Analysis, node: fx.Node) -> Any:
+    """``nn.MultiheadAttention`` pruned by per-head dims; select it with
+    ``fxprune.coupling.ops.register_module_rule(nn.MultiheadAttention, multihead_attention_dims)``."""
+    return multihead_attention(an, node, mode="dims")
+
+
+# -- torchvision Swin (functions wrapped with torch.fx.wrap) -------------------------------
+def _param(an: Analysis, node: fx.Node, pos: int, name: str) -> str | None:
+    v = an.value(arg(node, pos, name))
+    return v.target if isinstance(v, ParamRef) else None
+
+
+def shifted_window_attention(an: Analysis, node: fx.Node) -> Any:
+    """torchvision's ``shifted_window_attention(x[B,H,W,C], qkv_weight, proj_weight, bias, ...)``:
+    whole heads go with the C channels they read; ``num_heads`` in the call is rewritten."""
+    why = describe(node)
+    x = arg(node, 0, "input")
+    xi, heads = _tracked_last(an, x), arg(node, 5, "num_heads")
+    qkv_w, proj_w = _param(an, node, 1, "qkv_weight"), _param(an, node, 2, "proj_weight")
+    if xi is None or not isinstance(heads, int) or qkv_w is None or proj_w is None:
+        return opaque(an, node, f"{why}: expects channels-last input and get_attr weights")
+    units = xi.units
+    reps = coarsen(an, units, heads, "heads", why)
+    qkv_owner, proj_owner = qkv_w.rsplit(".", 1)[0], proj_w.rsplit(".", 1)[0]
+    an.slice_param(qkv_w, 1, "consumer", units, qkv_owner, why)
+    an.slice_param(qkv_w, 0, "producer", units * 3, qkv_owner, why)
+    an.mask_at(qkv_w, 0)
+    an.slice_param(proj_w, 1, "consumer", units, proj_owner, why)
+    an.slice_param(proj_w, 0, "producer", units, proj_owner, why)
+    qkv_b, proj_b = _param(an, node, 9, "qkv_bias"), _param(an, node, 10, "proj_bias")
+    if qkv_b is not None:
+        an.slice_param(qkv_b, 0, "passenger", units * 3, qkv_owner, why)
+        an.mask_at(qkv_b, 0)
+    if proj_b is not None:
+        an.slice_param(proj_b, 0, "passenger", units, proj_owner, why)
+    logit = _param(an, node, 11, "logit_scale")
+    if logit is not None:
+        an.slice_param(logit, 0, "passenger", reps, logit.rsplit(".", 1)[0], why)
+    _couple_head_bias(an, node, reps, why)
+    an.rewrite_literal(node, "count", (5, "num_heads", reps))
+    return ChannelInfo(3, units)
+
+
+def _couple_head_bias(an: Analysis, node: fx.Node, reps: tuple, why: str) -> None:
+    bias = an.value(arg(node, 3, "relative_position_bias"))
+    if isinstance(bias, ChannelInfo) and bias.dim == 1 and len(bias.units) == len(reps):
+        an.units.union(reps, bias.units, "identity", f"{why}: per-head position bias")
+    elif isinstance(bias, ParamRef) and an.param_tensor(bias.target).dim() == 4 \
+            and an.param_tensor(bias.target).shape[1] == len(reps):
+        an.slice_param(bias.target, 1, "passenger", reps, bias.target, why)
+    else:
+        an.pin_value(bias, f"{why}: its position bias is not tracked per head")
+        an.units.pin(reps, f"{why}: its position bias is not tracked per head")
+
+
+def relative_position_bias(an: Analysis, node: fx.Node) -> Any:
+    """torchvision's ``_get_relative_position_bias(table[L, heads], index, window)`` -> [1, heads, N, N]."""
+    table = an.value(arg(node, 0, "relative_position_bias_table"))
+    if isinstance(table, ParamRef) and an.param_tensor(table.target).dim() == 2:
+        return ChannelInfo(1, param_channels(an, table.target, 1, describe(node)))
+    if isinstance(table, ChannelInfo) and table.dim == 1 and ndim(an, node.args[0]) == 2:
+        return ChannelInfo(1, table.units)
+    return opaque(an, node, f"{describe(node)}: the bias table's heads are not on its last dim")
+
+
+def patch_merging_pad(an: Analysis, node: fx.Node) -> Any:
+    """torchvision's ``_patch_merging_pad(x[..., H, W, C])`` -> [..., H/2, W/2, 4C]: four strided
+    copies of the C channels, laid end to end."""
+    x = arg(node, 0, "x")
+    v = _tracked_last(an, x)
+    if v is None:
+        return opaque(an, node, f"{describe(node)}: channels are not on the last dim")
+    return ChannelInfo(ndim(an, x) - 1, v.units * 4)

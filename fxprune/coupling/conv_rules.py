@@ -1,0 +1,106 @@
+"""Convolutions with ``groups > 1``: the group structure is part of the coupling.
+
+A grouped convolution with ``g`` groups sees its ``C`` input channels as ``g`` blocks of
+``C // g``; every block is convolved with the same weight columns (``weight[:, j]`` serves
+channel ``j`` of every block). Channel ``j`` of block ``i`` is therefore coupled with channel ``j``
+of every other block (a *group-structure* edge), and likewise for the output blocks. Removing a
+channel removes the same position in every block, so each block keeps the same width, the widths
+stay divisible by ``g`` and ``groups`` itself never changes. Depthwise convolutions
+(``groups == in_channels``) keep the per-channel rule of ``rules.contract``: there each group is
+one channel, and whole groups go.
+
+Example:
+    >>> import torch, fxprune
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, groups=2),
+    ...                         torch.nn.Conv2d(8, 2, 1))
+    >>> p = fxprune.plan(m, fxprune.Policy(ratio=0.5), (torch.randn(1, 3, 6, 6),))
+    >>> [g.size for g in p.groups]      # 8 channels = 2 blocks x 4 positions
+    [4, 4]
+    >>> fxprune.apply(p)[1]
+    Conv2d(4, 4, kernel_size=(3, 3), stride=(1, 1), groups=2)
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch.fx as fx
+
+from . import rules as R
+from .state import Analysis, ChannelInfo
+
+
+def couple_blocks(an: Analysis, units: Sequence[int], groups: int, why: str) -> tuple[int, ...]:
+    """Couple position ``j`` of every one of ``groups`` equal blocks; return block 0's units.
+
+    Example:
+        >>> import torch
+        >>> an = Analysis(torch.fx.symbolic_trace(torch.nn.Identity()))
+        >>> u = an.units.new_atom("x", 6, "input")
+        >>> couple_blocks(an, u, 3, "demo")
+        (0, 1)
+        >>> an.units.find(4) == an.units.find(0)
+        True
+    """
+    size = len(units) // groups
+    first = tuple(units[:size])
+    for i in range(1, groups):
+        an.units.union(first, units[i * size:(i + 1) * size], "group-structure", why)
+    return first
+
+
+def grouped(an: Analysis, node: fx.Node, x: Any, weight: str, bias: str | None, owner: str,
+            groups: int, transposed: bool, in_channels: int, out_channels: int) -> Any:
+    """Channel semantics of a convolution with ``1 < groups`` that is not depthwise."""
+    why = f"{R.describe(node)} with groups={groups}"
+    v = an.tensor_info(x)
+    # weight: (out, in/g, ...) for a convolution, (in, out/g, ...) for a transposed one
+    full_dim, block_dim = 0, 1
+    if v is not None and v.dim == 1 and len(v.units) == in_channels:
+        block0 = couple_blocks(an, v.units, groups, why)
+        if transposed:
+            an.slice_param(weight, full_dim, "consumer", v.units, owner, why)
+        else:
+            an.slice_param(weight, block_dim, "consumer", block0, owner, why)
+    else:
+        an.pin_value(an.value(x), f"{why}: input channels are not on dim 1")
+    out = an.units.new_atom(("out", node.name, 1), out_channels, "producer")
+    out_block0 = couple_blocks(an, out, groups, why)
+    if transposed:
+        an.slice_param(weight, block_dim, "producer", out_block0, owner, why)
+    else:
+        an.slice_param(weight, full_dim, "producer", out, owner, why)
+    if bias is not None:
+        an.slice_param(bias, 0, "passenger", out, owner, why)
+    return ChannelInfo(1, out)
+
+
+def conv_module(an: Analysis, node: fx.Node) -> Any:
+    """``nn.Conv*d`` / ``nn.ConvTranspose*d`` of any ``groups``."""
+    m = an.modules[node.target]
+    transposed = bool(getattr(m, "transposed", False))
+    depthwise = m.groups == m.in_channels and (not transposed or m.out_channels == m.in_channels)
+    x = R.arg(node, 0, "input")
+    if m.groups == 1 or depthwise or R.ndim(an, x) != len(m.kernel_size) + 2:
+        return R.conv_module(an, node)
+    bias = f"{node.target}.bias" if m.bias is not None else None
+    return grouped(an, node, x, f"{node.target}.weight", bias, node.target, m.groups, transposed,
+                   m.in_channels, m.out_channels)
+
+
+def conv_functional(an: Analysis, node: fx.Node, spatial: int, transposed: bool = False) -> Any:
+    """``F.conv*d`` / ``F.conv_transpose*d`` on ``get_attr`` weights, any ``groups``."""
+    groups = R.arg(node, 6, "groups", 1)
+    if groups == 1 and not transposed:
+        return R.conv_functional(an, node, spatial)
+    weight, bias = R._functional_params(an, node, 2)
+    x = R.arg(node, 0, "input")
+    if weight is None or not isinstance(groups, int) or R.ndim(an, x) != spatial + 2:
+        return R.opaque(an, node, f"{R.describe(node)}: weights must be get_attr parameters, groups an int")
+    w = an.param_tensor(weight).shape
+    cin, cout = (w[0], w[1] * groups) if transposed else (w[1] * groups, w[0])
+    if groups == 1:
+        return R.contract(an, node, x, 1, weight, 0, 1, cout, bias, weight, 1)
+    if groups == cin and (not transposed or cout == cin):
+        mult = 1 if transposed else cout // cin
+        return R.contract(an, node, x, 1, weight, 1, 0, cout, bias, weight, 1, depthwise_mult=mult)
+    return grouped(an, node, x, weight, bias, weight, groups, transposed, cin, cout)

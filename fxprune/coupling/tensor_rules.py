@@ -1,0 +1,241 @@
+"""Channel semantics of generic tensor ops that transformers use: broadcasting views (expand,
+unsqueeze, squeeze, movedim), padding and rolling along non-channel dims, parameter tables
+gathered by index, and labelled contractions (einsum, matmul, scaled dot-product attention).
+
+Contractions are described by index labels, one per dim, as in ``einsum``. The channel dim of
+every tracked operand must carry the same label. A label kept in the output is a batch-like dim
+(per-channel: the channels pass through); a label summed over is a contraction, exact when
+every operand that has it carries the same channels (zeroed terms drop out of the sum).
+"""
+from __future__ import annotations
+
+import string
+from typing import Any, Sequence
+
+import torch.fx as fx
+
+from .rules import arg, describe, ndim, norm_dim, opaque
+from .state import Analysis, ChannelInfo, ParamRef
+from ..shapes import is_tensor_shape
+
+
+def param_channels(an: Analysis, target: str, dim: int, why: str) -> tuple[int, ...]:
+    """Units for dim ``dim`` of a parameter used as data (a per-channel table): a passenger atom.
+
+    Example:
+        >>> import torch
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 3))
+        >>> an = Analysis(gm)
+        >>> param_channels(an, "weight", 0, "example")
+        (0, 1, 2)
+    """
+    key = (target, dim)
+    if key in an.params:
+        return an.params[key].units
+    size = an.param_tensor(target).shape[dim]
+    units = an.units.new_atom(("param", target, dim), size, "param")
+    an.slice_param(target, dim, "passenger", units, target, why)
+    return units
+
+
+# -- views that add, drop or broadcast dims ------------------------------------------------
+def expand(an: Analysis, node: fx.Node) -> Any:
+    """``expand``/``expand_as``/``broadcast_to``: the channel dim keeps its size; a parameter
+    expanded without new dims stays a parameter (its users decide its channel dim)."""
+    x = arg(node, 0, "input")
+    v, out_shape, nd = an.value(x), an.shape(node), ndim(an, x)
+    if not is_tensor_shape(out_shape) or nd is None:
+        return opaque(an, node)
+    if isinstance(v, ParamRef):
+        return v if nd == len(out_shape) else opaque(an, node, f"{describe(node)} adds dims to a parameter")
+    if not isinstance(v, ChannelInfo):
+        return opaque(an, node)
+    od = v.dim + len(out_shape) - nd
+    if out_shape[od] != len(v.units):
+        return opaque(an, node, f"{describe(node)} broadcasts the channel dim")
+    return ChannelInfo(od, v.units)
+
+
+def repeat(an: Analysis, node: fx.Node) -> Any:
+    """``repeat``: tiling along the channel dim lays copies of the units end to end."""
+    x = arg(node, 0, "input")
+    v, out_shape, nd = an.tensor_info(x), an.shape(node), ndim(an, x)
+    if v is None or not is_tensor_shape(out_shape) or nd is None:
+        return opaque(an, node)
+    od = v.dim + len(out_shape) - nd
+    times, rest = divmod(out_shape[od], len(v.units))
+    if rest:
+        return opaque(an, node)
+    return ChannelInfo(od, v.units * times)
+
+
+def unsqueeze(an: Analysis, node: fx.Node) -> Any:
+    x = arg(node, 0, "input")
+    v, nd = an.tensor_info(x), ndim(an, x)
+    d = arg(node, 1, "dim")
+    if v is None or nd is None or not isinstance(d, int):
+        return opaque(an, node)
+    d = norm_dim(d, nd + 1)
+    return ChannelInfo(v.dim + 1 if d <= v.dim else v.dim, v.units)
+
+
+def squeeze(an: Analysis, node: fx.Node) -> Any:
+    x = arg(node, 0, "input")
+    v, in_shape = an.tensor_info(x), an.shape(x)
+    if v is None or not is_tensor_shape(in_shape):
+        return opaque(an, node)
+    d = arg(node, 1, "dim")
+    dims = range(len(in_shape)) if d is None else ([d] if isinstance(d, int) else list(d))
+    gone = {norm_dim(i, len(in_shape)) for i in dims if in_shape[norm_dim(i, len(in_shape))] == 1}
+    if v.dim in gone:
+        return opaque(an, node, f"{describe(node)} drops the channel dim")
+    return ChannelInfo(v.dim - sum(1 for i in gone if i < v.dim), v.units)
+
+
+def movedim(an: Analysis, node: fx.Node) -> Any:
+    x = arg(node, 0, "input")
+    v, nd = an.tensor_info(x), ndim(an, x)
+    src, dst = arg(node, 1, "source"), arg(node, 2, "destination")
+    if v is None or nd is None:
+        return opaque(an, node)
+    src = [src] if isinstance(src, int) else list(src)
+    dst = [dst] if isinstance(dst, int) else list(dst)
+    src, dst = [norm_dim(s, nd) for s in src], [norm_dim(s, nd) for s in dst]
+    order = [None] * nd
+    for s, t in zip(src, dst):
+        order[t] = s
+    rest = iter(d for d in range(nd) if d not in src)
+    order = [o if o is not None else next(rest) for o in order]
+    return ChannelInfo(order.index(v.dim), v.units)
+
+
+def pad(an: Analysis, node: fx.Node) -> Any:
+    """``F.pad``: pads the last ``len(pad) // 2`` dims; the channel dim must get no padding."""
+    x = arg(node, 0, "input")
+    v, nd = an.tensor_info(x), ndim(an, x)
+    amounts = arg(node, 1, "pad")
+    if v is None or nd is None or not isinstance(amounts, (list, tuple)):
+        return opaque(an, node)
+    for i in range(len(amounts) // 2):
+        if nd - 1 - i == v.dim and (amounts[2 * i] != 0 or amounts[2 * i + 1] != 0):
+            return opaque(an, node, f"{describe(node)} pads the channel dim")
+    return ChannelInfo(v.dim, v.units)
+
+
+def roll(an: Analysis, node: fx.Node) -> Any:
+    """``torch.roll`` along other dims moves whole channel vectors: per-channel."""
+    x = arg(node, 0, "input")
+    v, nd = an.tensor_info(x), ndim(an, x)
+    dims = arg(node, 2, "dims")
+    if v is None or nd is None or dims is None:
+        return opaque(an, node, f"{describe(node)} rolls the flattened tensor")
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if v.dim in [norm_dim(d, nd) for d in dims]:
+        return opaque(an, node, f"{describe(node)} rolls along the channel dim")
+    return ChannelInfo(v.dim, v.units)
+
+
+def no_channels(an: Analysis, node: fx.Node) -> Any:
+    """Ops that read no channel values (``torch._assert``, shape arithmetic)."""
+    return None
+
+
+def getitem(an: Analysis, node: fx.Node) -> Any:
+    """``table[index]`` on a parameter (e.g. a relative position bias table gathered by an
+    index buffer) gives a per-channel table along the parameter's last dim; everything else
+    is ordinary indexing."""
+    from .layout_rules import getitem as layout_getitem
+    src, idx = node.args[0], node.args[1]
+    v = an.value(src)
+    out_shape = an.shape(node)
+    if isinstance(v, ParamRef) and is_tensor_shape(out_shape):
+        p = an.param_tensor(v.target)
+        first = idx[0] if isinstance(idx, tuple) and len(idx) == 1 else idx
+        if isinstance(first, fx.Node) and p.dim() >= 2 and out_shape[-1] == p.shape[-1]:
+            units = param_channels(an, v.target, p.dim() - 1, describe(node))
+            return ChannelInfo(len(out_shape) - 1, units)
+    return layout_getitem(an, node)
+
+
+# -- labelled contractions -----------------------------------------------------------------
+def contract_labels(an: Analysis, node: fx.Node, operands: Sequence[tuple[Any, str]], out: str,
+                    inexact_if_contracted: str | None = None) -> Any:
+    """Channel semantics of a contraction given the index labels of every operand and the output."""
+    why = describe(node)
+    chan = None
+    for a, labels in operands:
+        v = an.value(a)
+        if isinstance(v, ChannelInfo):
+            label = labels[v.dim] if v.dim < len(labels) else None
+            if label is None or chan not in (None, label):
+                return opaque(an, node, f"{why}: operands carry channels on different dims")
+            chan = label
+    if chan is None:
+        return opaque(an, node, f"{why}: no operand carries channels")
+    units = next(an.value(a).units for a, _ in operands if isinstance(an.value(a), ChannelInfo))
+    role = "passenger" if chan in out else "consumer"
+    for a, labels in operands:
+        if chan not in labels:
+            continue
+        v, d = an.value(a), labels.index(chan)
+        if isinstance(v, ChannelInfo):
+            an.units.union(units, v.units, "identity", f"{why} (index {chan!r})")
+        elif isinstance(v, ParamRef) and an.param_tensor(v.target).shape[d] == len(units):
+            an.slice_param(v.target, d, role, units, v.target, why)
+        elif not (isinstance(a, fx.Node) and an.shape(a)[d] == 1):
+            return opaque(an, node, f"{why}: an operand without tracked channels meets them on index {chan!r}")
+    if chan in out:
+        return ChannelInfo(out.index(chan), units)
+    if inexact_if_contracted:
+        an.units.mark_inexact(units, f"{inexact_if_contracted} ({why})")
+    return an.fresh(node, an.shape(node), "opaque", f"{why} sums over the channels; its result carries none")
+
+
+def einsum(an: Analysis, node: fx.Node) -> Any:
+    equation = node.args[0]
+    tensors = list(node.args[1:])
+    if len(tensors) == 1 and isinstance(tensors[0], (list, tuple)):
+        tensors = list(tensors[0])
+    if not isinstance(equation, str) or "->" not in equation or "." in equation:
+        return opaque(an, node, f"{describe(node)}: only explicit einsum equations without '...' are supported")
+    lhs, out = equation.replace(" ", "").split("->")
+    specs = lhs.split(",")
+    if len(specs) != len(tensors):
+        return opaque(an, node)
+    return contract_labels(an, node, list(zip(tensors, specs)), out)
+
+
+def _matmul_labels(na: int, nb: int) -> tuple[str, str, str] | None:
+    if na < 1 or nb < 1:
+        return None
+    batch = string.ascii_lowercase[: max(na, nb) - 2] if max(na, nb) > 2 else ""
+    a = batch[len(batch) - (na - 2):] + "ik" if na >= 2 else "k"
+    b = batch[len(batch) - (nb - 2):] + "kj" if nb >= 2 else "k"
+    out = batch + ("i" if na >= 2 else "") + ("j" if nb >= 2 else "")
+    return a, b, out
+
+
+def matmul(an: Analysis, node: fx.Node) -> Any:
+    """``a @ b`` (matmul/bmm): broadcast batch dims, rows of ``a``, columns of ``b``."""
+    a, b = arg(node, 0, "input"), arg(node, 1, "other")
+    labels = _matmul_labels(ndim(an, a) or 0, ndim(an, b) or 0)
+    if labels is None:
+        return opaque(an, node)
+    return contract_labels(an, node, [(a, labels[0]), (b, labels[1])], labels[2])
+
+
+def scaled_dot_product_attention(an: Analysis, node: fx.Node) -> Any:
+    """``F.scaled_dot_product_attention(q, k, v)``: heads (batch dims) and value channels pass
+    through; removing query/key channels changes the default 1/sqrt(E) scale (approximate)."""
+    q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
+    nd = ndim(an, q)
+    if nd is None or nd < 2 or ndim(an, k) != nd or ndim(an, v) != nd:
+        return opaque(an, node)
+    batch = string.ascii_lowercase[: nd - 2]
+    operands = [(q, batch + "LE"), (k, batch + "SE"), (v, batch + "SF")]
+    mask = arg(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node) and ndim(an, mask):
+        operands.append((mask, (batch + "LS")[-ndim(an, mask):]))
+    scaled = "the default softmax scale 1/sqrt(E) follows the query width" if arg(node, 6, "scale") is None else None
+    return contract_labels(an, node, operands, batch + "LF", inexact_if_contracted=scaled)
+

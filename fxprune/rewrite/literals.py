@@ -1,0 +1,78 @@
+"""Literal arguments that follow the kept width: one rewriter per kind, recorded by the op rules
+with ``Analysis.rewrite_literal(node, kind, payload)``.
+
+A rewriter gets the node of the copied graph, the payload and ``kept(units) -> int`` (how many
+positions of a units tuple survive) and edits the node in place.
+
+Example:
+    >>> import torch, fxprune
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 4, 1)
+    ...     def forward(self, x):
+    ...         y = self.a(x)
+    ...         return self.b(y) * y.mean(1, keepdim=True)
+    >>> pruned = fxprune.transform(Net(), fxprune.Policy(ratio=0.5), (torch.randn(1, 3, 2, 2),))
+    >>> "mul" in [n.target.__name__ for n in pruned.graph.nodes if n.op == "call_function"]
+    True
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch.fx as fx
+
+from ..coupling.rules import arg
+
+
+def _set_arg(node: fx.Node, pos: int, name: str, value: Any) -> None:
+    if len(node.args) > pos:
+        node.args = node.args[:pos] + (value,) + node.args[pos + 1:]
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def normalized_shape(node: fx.Node, payload: tuple, kept: Callable) -> None:
+    """``F.layer_norm`` / ``F.rms_norm``: the channel entry of ``normalized_shape``."""
+    units, index = payload
+    shape = list(arg(node, 1, "normalized_shape"))
+    shape[index] = kept(units)
+    _set_arg(node, 1, "normalized_shape", type(arg(node, 1, "normalized_shape"))(shape))
+
+
+def group_norm(node: fx.Node, payload: tuple, kept: Callable) -> None:
+    """``F.group_norm``: ``num_groups`` = kept width / norm-group width (1 stays 1)."""
+    units, per = payload
+    _set_arg(node, 1, "num_groups", kept(units) // per if per else 1)
+
+
+def mean_rescale(node: fx.Node, units: tuple, kept: Callable) -> None:
+    """A mean over the channel dim becomes ``mean * kept / total``: the mean of the original
+    with the removed channels zeroed, i.e. exact."""
+    k, total = kept(units), len(units)
+    if k == total:
+        return
+    graph = node.graph
+    with graph.inserting_after(node):
+        scaled = graph.call_function(operator.mul, (node, k / total))
+    node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+
+
+def count(node: fx.Node, payload: tuple, kept: Callable) -> None:
+    """An argument that counts kept units (e.g. ``num_heads`` of an attention call)."""
+    pos, name, units = payload
+    _set_arg(node, pos, name, kept(units))
+
+
+REWRITERS: dict[str, Callable[[fx.Node, Any, Callable], None]] = {
+    "count": count,
+    "normalized_shape": normalized_shape,
+    "group_norm": group_norm,
+    "mean_rescale": mean_rescale,
+}
+
+
+def rewrite(node: fx.Node, kind: str, payload: Any, kept: Callable) -> None:
+    REWRITERS[kind](node, payload, kept)
