@@ -19,6 +19,7 @@ from .plan import Plan
 from .policy import Policy
 from .report import explain
 from .rewrite import apply
+from .serialize import PlanMismatchError, load_plan, rebuild, save_plan
 from .verify import verify
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "register_importance", "register_module_rule", "ImportanceContext", "FxPruneError",
     "TraceError", "InputError", "PolicyError", "StageError", "VerificationError",
     "export", "save", "load", "check_onnx", "ExportError", "LoadError",
+    "save_plan", "load_plan", "rebuild", "PlanMismatchError",
 ]

@@ -67,6 +67,23 @@ def plan(model: torch.nn.Module, policy: Policy, example_inputs: Any, *, leaf_mo
         raise FxPruneError(f"policy must be a fxprune.Policy, got {type(policy).__name__}")
     inputs = check_inputs(example_inputs)
     timings: dict[str, float] = {}
+    gm, an, groups, comp_to_group, index = analyse_model(model, policy, inputs, timings, leaf_modules,
+                                                         concrete_args)
+    with _stage("importance", timings):
+        ctx = importance_.ImportanceContext(gm, groups, inputs, calibration, loss_fn, policy,
+                                            dict(importance_options or {}))
+        scores = _score(groups, policy, ctx)
+    with _stage("select", timings):
+        cost = CostModel(gm, groups, an) if (policy.budget or policy.allocation == "cost") else None
+        selection = select(groups, scores, policy, cost, dict(gm.named_modules()))
+    with _stage("edits", timings):
+        _collect_edits(groups, ctx)
+    return Plan(gm, policy, groups, inputs, an, comp_to_group, index, dict(ctx.edits), timings, selection)
+
+
+def analyse_model(model: torch.nn.Module, policy: Policy, inputs: tuple, timings: dict,
+                  leaf_modules: Iterable = (), concrete_args: dict | None = None) -> tuple:
+    """Stages trace, shapes and coupling: ``(traced, analysis, groups, component map, channel index)``."""
     with _stage("trace", timings):
         gm = trace(model, leaf_modules, concrete_args)
     with _stage("shapes", timings):
@@ -76,16 +93,7 @@ def plan(model: torch.nn.Module, policy: Policy, example_inputs: Any, *, leaf_mo
         modules = dict(gm.named_modules())
         groups, comp_to_group, index = build_groups(
             an, lambda owner: policy.ignores(owner, modules.get(owner)))
-    with _stage("importance", timings):
-        ctx = importance_.ImportanceContext(gm, groups, inputs, calibration, loss_fn, policy,
-                                            dict(importance_options or {}))
-        scores = _score(groups, policy, ctx)
-    with _stage("select", timings):
-        cost = CostModel(gm, groups, an) if (policy.budget or policy.allocation == "cost") else None
-        selection = select(groups, scores, policy, cost, modules)
-    with _stage("edits", timings):
-        _collect_edits(groups, ctx)
-    return Plan(gm, policy, groups, inputs, an, comp_to_group, index, dict(ctx.edits), timings, selection)
+    return gm, an, groups, comp_to_group, index
 
 
 def _collect_edits(groups: list, ctx: importance_.ImportanceContext) -> None:

@@ -28,7 +28,7 @@ class Plan:
         >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
         >>> p = fxprune.plan(m, fxprune.Policy("l1", 0.5), (torch.randn(1, 3, 8, 8),))
         >>> [(g.size, g.kept) for g in p.groups]
-        [(8, 4)]
+        [(8, 4), (4, 4)]
         >>> sorted(p.removed_channels())
         ['_0', '_1']
     """

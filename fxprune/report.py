@@ -12,7 +12,7 @@ def explain(plan) -> str:
         >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3))
         >>> print(fxprune.explain(fxprune.plan(m, fxprune.Policy(ratio=0.5), (torch.randn(1, 3, 8, 8),))))
         ... # doctest: +ELLIPSIS
-        Plan: 1 groups (1 pruned, 0 blocked), policy importance='l1' ratio=0.5
+        Plan: 2 groups (1 pruned, 1 blocked), policy importance='l1' ratio=0.5
         ...
     """
     pruned = sum(1 for g in plan.groups if g.removed)

@@ -65,7 +65,7 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple, fake: bool = True) -> A
     Example:
         >>> gm = torch.fx.symbolic_trace(torch.nn.Conv2d(3, 8, 3))
         >>> _ = propagate(gm, (torch.randn(1, 3, 8, 8),))
-        >>> [n.meta["fxprune"]["shape"] for n in gm.graph.nodes][1]
+        >>> [n.meta["fxprune"]["shape"] for n in gm.graph.nodes][-2]
         (1, 8, 6, 6)
     """
     was_training = gm.training

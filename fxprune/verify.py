@@ -17,7 +17,7 @@ class MaskedInterpreter(fx.Interpreter):
 
     Example:
         >>> gm = torch.fx.symbolic_trace(torch.nn.ReLU())
-        >>> MaskedInterpreter(gm, {"_0": (1, [0])}).run(torch.ones(1, 2))
+        >>> MaskedInterpreter(gm, {"relu": (1, [0])}).run(torch.ones(1, 2))
         tensor([[0., 1.]])
     """
 

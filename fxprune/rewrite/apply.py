@@ -156,7 +156,7 @@ def apply(plan) -> fx.GraphModule:
         >>> import fxprune, torch
         >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3))
         >>> p = fxprune.plan(m, fxprune.Policy("l1", 0.5), (torch.randn(1, 3, 8, 8),))
-        >>> fxprune.apply(p)[0].out_channels
+        >>> fxprune.apply(p).get_submodule("0").out_channels
         4
     """
     removed = plan.removed_roots()

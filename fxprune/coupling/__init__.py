@@ -1,0 +1,1 @@
+"""Stage 3: channel coupling — units, op rules and tables, groups."""
