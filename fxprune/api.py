@@ -53,7 +53,8 @@ def _score(groups: list, policy: Policy, ctx: importance_.ImportanceContext) -> 
 
 def plan(model: torch.nn.Module, policy: Policy, example_inputs: Any, *, leaf_modules: Iterable = (),
          concrete_args: dict | None = None, calibration: Iterable | None = None,
-         loss_fn: Any = None, importance_options: dict | None = None) -> Plan:
+         loss_fn: Any = None, importance_options: dict | None = None,
+         latency_table: Any = None) -> Plan:
     """Decide what to prune, changing nothing. See ``Plan``.
 
     Example:
@@ -74,7 +75,13 @@ def plan(model: torch.nn.Module, policy: Policy, example_inputs: Any, *, leaf_mo
                                             dict(importance_options or {}))
         scores = _score(groups, policy, ctx)
     with _stage("select", timings):
-        cost = CostModel(gm, groups, an) if (policy.budget or policy.allocation == "cost") else None
+        cost = None
+        if policy.budget or policy.allocation == "cost":
+            lut = latency_table
+            if policy.latency is not None and lut is None:
+                from .latency_lut import LatencyTable
+                lut = LatencyTable.build(gm, an, inputs, device=policy.device)
+            cost = CostModel(gm, groups, an, lut)
         selection = select(groups, scores, policy, cost, dict(gm.named_modules()))
     with _stage("edits", timings):
         _collect_edits(groups, ctx)

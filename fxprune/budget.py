@@ -26,7 +26,7 @@ class CostModel:
         True
     """
 
-    def __init__(self, traced, groups: list, analysis):
+    def __init__(self, traced, groups: list, analysis, latency_table=None):
         totals = count(traced)
         self.total_macs, self.total_params = totals["macs"], totals["params"]
         weight_macs = param_macs(traced)
@@ -43,6 +43,30 @@ class CostModel:
         self.fixed_macs = self.total_macs - sum(self.macs_of.values())
         self.fixed_params = self.total_params - sum(self.params_of.values())
         self.sizes = {g.id: g.size for g in groups}
+        self.lut = latency_table
+        if latency_table is not None:
+            self._prepare_activations(traced, groups, analysis)
+
+    def _prepare_activations(self, traced, groups: list, analysis) -> None:
+        """Elements of every channel tensor, and which group channels each position holds."""
+        from .coupling.state import ChannelInfo
+        from .shapes import shape
+        nodes = {n.name: n for n in traced.graph.nodes}
+        self.total_elements, self.activation_members = 0, []
+        per_position = {}
+        for name, info in analysis.info.items():
+            s = shape(nodes[name]) if name in nodes else None
+            if isinstance(info, ChannelInfo) and isinstance(s, tuple) and s and all(isinstance(d, int) for d in s):
+                per_position[name] = math.prod(s) / max(s[info.dim], 1)
+                self.total_elements += math.prod(s)
+        for g in groups:
+            for mem in g.members:
+                if mem.node in per_position:
+                    self.activation_members.append(
+                        (g.id, torch.tensor(mem.channels, dtype=torch.long), per_position[mem.node]))
+        self.in_dims = {t: (0 if getattr(m, "transposed", False) else 1) for t, m in
+                        ((t, _owner_module(traced, t)) for t in latency_table_targets(self.lut))}
+        self.full_latency = self.lut.predict({}, 1.0, self.in_dims)
 
     def fractions(self, removed: dict[int, "tuple | torch.Tensor"]) -> dict[str, float]:
         """Fractions of MACs and parameters kept (``removed``: channels or a bool mask per group)."""
@@ -55,14 +79,31 @@ class CostModel:
                 m[list(r)] = True
                 masks[gid] = m
         macs, params = float(self.fixed_macs), float(self.fixed_params)
+        keeps: dict[str, dict[int, float]] = {}
         for target, entries in self.sliced.items():
             keep = 1.0
-            for _dim, size, members in entries:
+            for dim, size, members in entries:
                 gone = sum(int(masks[gid][ch].sum()) for gid, ch in members if gid in masks)
+                keeps.setdefault(target, {})[dim] = (size - gone) / size
                 keep *= (size - gone) / size
             macs += self.macs_of[target] * keep
             params += self.params_of[target] * keep
-        return {"macs": macs / max(self.total_macs, 1), "params": params / max(self.total_params, 1)}
+        out = {"macs": macs / max(self.total_macs, 1), "params": params / max(self.total_params, 1)}
+        if self.lut is not None:
+            gone = sum(float(masks[gid][ch].sum()) * per for gid, ch, per in self.activation_members if gid in masks)
+            active = 1.0 - gone / max(self.total_elements, 1)
+            out["activations"] = active
+            out["latency"] = self.lut.predict(keeps, active, self.in_dims) / max(self.full_latency, 1e-12)
+        return out
+
+
+def _owner_module(traced, target: str):
+    *path, _ = target.split(".")
+    return traced.get_submodule(".".join(path)) if path else traced
+
+
+def latency_table_targets(lut) -> list[str]:
+    return list(lut.layers) if lut is not None else []
 
 
 def bisect(predicate, lo: float = 0.0, hi: float = 1.0, steps: int = 40) -> float:

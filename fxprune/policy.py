@@ -32,6 +32,9 @@ class Policy:
         params: fraction of parameters to keep, like ``flops`` (give at most one of the two).
         allocation: ``"uniform"``, or ``"cost"``: each group's share of the cut weighted by the
             MACs one of its channels costs (cheap-to-keep groups are cut less).
+        latency: fraction of the measured latency to keep, predicted from a latency lookup table
+            (``fxprune.latency_lut``) measured once per device and cached; ``device`` picks it.
+        device: the device the latency table is measured on (``"cpu"`` or ``"cuda"``).
         overrides: ``{key: ratio}`` per layer, where key is a module type, a module-name pattern
             (``"layer4.*"``, fnmatch) or a module name. Precedence: policy < type < pattern <
             name. A group takes the smallest override among its producers; an overridden group
@@ -59,6 +62,8 @@ class Policy:
     params: float | None = None
     allocation: str = "uniform"
     overrides: Any = ()
+    latency: float | None = None
+    device: str = "cpu"
 
     def __post_init__(self):
         self._check_choices()
@@ -89,13 +94,13 @@ class Policy:
                              ("allocation", ("uniform", "cost"))):
             if getattr(self, field) not in valid:
                 raise PolicyError(f"{field} must be one of {', '.join(valid)}; got {getattr(self, field)!r}")
-        for field in ("flops", "params"):
+        for field in ("flops", "params", "latency"):
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not 0.0 < float(value) <= 1.0):
                 raise PolicyError(f"{field} is the fraction to keep, in (0, 1]; got {value!r}")
-        if self.flops is not None and self.params is not None:
-            raise PolicyError("give flops or params as the budget, not both")
+        if sum(getattr(self, f) is not None for f in ("flops", "params", "latency")) > 1:
+            raise PolicyError("give one budget: flops, params or latency")
         items = self.overrides.items() if isinstance(self.overrides, dict) else self.overrides
         pairs = tuple(items)
         for key, ratio in pairs:
@@ -112,6 +117,8 @@ class Policy:
             return "macs", float(self.flops)
         if self.params is not None:
             return "params", float(self.params)
+        if self.latency is not None:
+            return "latency", float(self.latency)
         return None
 
     def override_for(self, module_name: str, module: torch.nn.Module | None) -> float | None:

@@ -125,6 +125,7 @@ def select(groups: list, scores: dict[int, torch.Tensor], policy: Policy, cost: 
     for g in eligible:
         g.removed = removal[g.id]
         _note_clamp(g, policy, chooser, summary)
+        _keep_every_member(g, scores[g.id])
     return summary
 
 
@@ -178,3 +179,24 @@ def _note_clamp(g, policy: Policy, chooser: _Selector, summary: dict) -> None:
         if policy.round_to:
             why.append(f"round_to={policy.round_to}")
         g.note = f"kept {g.kept} instead of {asked} ({', '.join(why) or 'rounding'})"
+
+
+def _keep_every_member(g, s: torch.Tensor) -> None:
+    """A member may carry only some of its group's channels (a split piece, one side of a
+    channel shuffle): if all of them were removed, keep its best one, so no tensor or weight
+    is left with zero channels."""
+    if not g.removed:
+        return
+    removed = set(g.removed)
+    values = s.tolist()
+    restored = []
+    for m in [*g.members, *g.params]:
+        channels = set(m.channels)
+        if len(channels) <= len(removed) and channels <= removed:
+            best = max(channels, key=lambda c: (values[c], -c))
+            removed.discard(best)
+            restored.append(best)
+    if restored:
+        g.removed = tuple(sorted(removed))
+        note = f"kept {len(restored)} more so that no tensor or weight is left empty"
+        g.note = f"{g.note}; {note}" if g.note else note

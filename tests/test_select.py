@@ -71,7 +71,7 @@ def test_clamp_is_reported_not_silent():
 @pytest.mark.parametrize("kwargs, words", [
     ({"scope": "everywhere"}, "scope must be one of local, global"),
     ({"flops": 0.0}, "flops is the fraction to keep"),
-    ({"flops": 0.5, "params": 0.5}, "not both"),
+    ({"flops": 0.5, "params": 0.5}, "give one budget"),
     ({"overrides": {"fc": 2.0}}, "override ratio"),
     ({"normalize": "zscore"}, "normalize must be one of"),
     ({"allocation": "greedy"}, "allocation must be one of"),

@@ -24,9 +24,11 @@ approximate: that mark comes from the LayerNorm rule, not from here.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Sequence
 
+import torch
 import torch.fx as fx
 
 from .conv_rules import couple_blocks
@@ -58,7 +60,8 @@ def coarsen(an: Analysis, units: Sequence[int], heads: int, mode: str, why: str)
 
 
 _CONTRACTIONS = {"einsum", "matmul", "bmm", "scaled_dot_product_attention", "__matmul__"}
-_TRANSPARENT = {"permute", "transpose", "swapaxes", "contiguous", "mul", "truediv", "div", "to", "float", "clone"}
+_TRANSPARENT = {"permute", "transpose", "swapaxes", "contiguous", "mul", "truediv", "div", "to", "float", "clone",
+                "unbind", "getitem", "chunk", "split"}
 
 
 def _feeds_contraction(node: fx.Node, depth: int = 4) -> bool:
@@ -73,9 +76,10 @@ def _feeds_contraction(node: fx.Node, depth: int = 4) -> bool:
 
 
 def split_heads(an: Analysis, node: fx.Node, v: ChannelInfo, in_shape: tuple, out_shape: tuple) -> Any:
-    """A view/reshape ``(..., C) -> (..., heads, C // heads)`` whose result feeds a matmul/einsum
-    (attention): the outer axis carries the channels and whole heads go together, so that the
-    heads stay a batch dim of the contractions. None when the view is not such a split.
+    """A view/reshape that splits the channel dim into ``(..., heads, head_dim)`` (e.g.
+    ``(B, N, 3C) -> (B, N, 3, heads, C // heads)``) and feeds a matmul/einsum (attention): the
+    heads axis carries the channels and every other position of a head goes with it, so whole
+    heads are removed and stay a batch dim of the contractions. None when it does not apply.
 
     Example:
         >>> import torch, fxprune
@@ -84,20 +88,31 @@ def split_heads(an: Analysis, node: fx.Node, v: ChannelInfo, in_shape: tuple, ou
         ...         super().__init__()
         ...         self.qkv, self.out = torch.nn.Linear(4, 24), torch.nn.Linear(8, 4)
         ...     def forward(self, x):
-        ...         q, k, v = [t.reshape(2, 5, 2, 4).transpose(1, 2) for t in self.qkv(x).chunk(3, -1)]
+        ...         t = self.qkv(x).chunk(3, -1)
+        ...         q, k, v = [t[i].reshape(2, 5, 2, 4).transpose(1, 2) for i in range(3)]
         ...         a = (q @ k.transpose(-2, -1)).softmax(-1) @ v
         ...         return self.out(a.transpose(1, 2).reshape(2, 5, 8))
         >>> p = fxprune.plan(Heads(), fxprune.Policy(ratio=0.5), (torch.randn(2, 5, 4),))
-        >>> [(g.size, g.kept, g.exact) for g in p.groups]
+        >>> [(g.size, g.kept, g.exact) for g in p.groups if g.removed]   # 2 heads
         [(2, 1, True)]
     """
     cd = v.dim
-    if len(out_shape) != len(in_shape) + 1 or tuple(in_shape[:cd]) != tuple(out_shape[:cd]) \
-            or tuple(in_shape[cd + 1:]) != tuple(out_shape[cd + 2:]) or out_shape[cd] < 2 \
-            or out_shape[cd] * out_shape[cd + 1] != in_shape[cd] or not _feeds_contraction(node):
+    k = len(out_shape) - len(in_shape) + 1
+    if k < 2 or tuple(in_shape[:cd]) != tuple(out_shape[:cd]) or tuple(in_shape[cd + 1:]) != tuple(out_shape[cd + k:]) \
+            or math.prod(out_shape[cd:cd + k]) != in_shape[cd] or out_shape[cd + k - 2] < 2 \
+            or not _feeds_contraction(node):
         return None
-    why = f"{describe(node)} splits the channel dim into {out_shape[cd]} heads of {out_shape[cd + 1]}"
-    return ChannelInfo(cd, coarsen(an, v.units, out_shape[cd], "heads", why))
+    factors = tuple(out_shape[cd:cd + k])
+    grid = torch.arange(len(v.units)).reshape(factors).movedim(k - 2, 0).reshape(factors[k - 2], -1)
+    why = f"{describe(node)} splits the channel dim into {factors}: whole heads (axis {k - 2}) go together"
+    reps = []
+    for row in grid.tolist():
+        members = tuple(v.units[i] for i in row)
+        an.units.union(members, (members[0],) * len(members), "heads", why)
+        reps.append(members[0])
+    fixed = {d: out_shape[d] for d in range(cd, cd + k) if d != cd + k - 2}
+    an.rewrite_literal(node, "view_dims", (tuple(reps), fixed))
+    return ChannelInfo(cd + k - 2, tuple(reps))
 
 
 def _tracked_last(an: Analysis, x: Any) -> ChannelInfo | None:
@@ -177,7 +192,7 @@ def multihead_attention(an: Analysis, node: fx.Node, mode: str = "heads") -> Any
         ...         h = self.inp(x)
         ...         return self.out(self.mha(h, h, h, need_weights=False)[0])
         >>> p = fxprune.plan(Net(), fxprune.Policy(ratio=0.5), (torch.randn(2, 5, 4),))
-        >>> [(g.size, g.kept) for g in p.groups]
+        >>> [(g.size, g.kept) for g in p.groups if g.removed]   # 2 heads of 4 channels
         [(2, 1)]
     """
     m = an.modules[node.target]

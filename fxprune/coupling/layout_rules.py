@@ -7,6 +7,7 @@ from typing import Any
 import torch.fx as fx
 
 from .rules import arg, describe, ndim, norm_dim, opaque
+from .attention_rules import split_heads
 from .shuffle import split_channel_dim
 from .state import Analysis, ChannelInfo, ParamRef
 from ..shapes import is_tensor_shape

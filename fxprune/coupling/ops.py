@@ -127,7 +127,8 @@ MODULE_RULES: dict[type, Rule] = {
 # -- transformer building blocks (tensor_rules, attention_rules) ----------------------------
 FUNCTION_RULES.update({
     torch._assert: T.no_channels, torch.roll: T.roll, torch.broadcast_to: T.expand,
-    torch.unsqueeze: T.unsqueeze, torch.squeeze: T.squeeze, torch.movedim: T.movedim,
+    **{f: R.elementwise for f in (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge)},
+    torch.unsqueeze: T.unsqueeze, torch.squeeze: T.squeeze, torch.movedim: T.movedim, torch.unbind: T.unbind,
     torch.moveaxis: T.movedim, torch.swapaxes: L.transpose, torch.swapdims: L.transpose,
     torch.einsum: T.einsum, torch.matmul: T.matmul, operator.matmul: T.matmul, torch.bmm: T.matmul,
     F.scaled_dot_product_attention: T.scaled_dot_product_attention,
@@ -136,7 +137,7 @@ FUNCTION_RULES.update({
 METHOD_RULES.update({
     "expand": T.expand, "expand_as": T.expand, "repeat": T.repeat, "unsqueeze": T.unsqueeze,
     "squeeze": T.squeeze, "movedim": T.movedim, "moveaxis": T.movedim, "swapaxes": L.transpose,
-    "swapdims": L.transpose, "roll": T.roll, "matmul": T.matmul, "bmm": T.matmul,
+    "swapdims": L.transpose, "roll": T.roll, "matmul": T.matmul, "bmm": T.matmul, "unbind": T.unbind,
 })
 MODULE_RULES[nn.MultiheadAttention] = A.multihead_attention
 try:  # torchvision's Swin functions are kept whole by torch.fx.wrap

@@ -77,13 +77,17 @@ def split_channel_dim(an: Analysis, node: fx.Node, v: ChannelInfo, in_shape: tup
         return None
     factors = tuple(out_shape[cd:cd + k])
     t = _natural_axis(an, v.units, factors)
-    if t is not None:
-        return ChannelInfo(cd + t, _along(v.units, factors, t))
-    if k != 2:
+    if t is None and k != 2:
         return None
-    why = (f"{R.describe(node)} splits the channel dim {in_shape[cd]} into {factors[0]} x {factors[1]}: "
-           "position j of every block goes together")
-    return ChannelInfo(cd + 1, couple_blocks(an, v.units, factors[0], why))
+    if t is None:
+        t = 1
+        why = (f"{R.describe(node)} splits the channel dim {in_shape[cd]} into {factors[0]} x {factors[1]}: "
+               "position j of every block goes together")
+        couple_blocks(an, v.units, factors[0], why)
+    out = ChannelInfo(cd + t, _along(v.units, factors, t))
+    if k == 2:  # the other factor is a structure constant (g, or C // g): keep its traced value
+        an.rewrite_literal(node, "view_dims", (out.units, {cd + 1 - t: factors[1 - t]}))
+    return out
 
 
 def channel_shuffle(an: Analysis, node: fx.Node) -> Any:

@@ -109,6 +109,19 @@ def movedim(an: Analysis, node: fx.Node) -> Any:
     return ChannelInfo(order.index(v.dim), v.units)
 
 
+def unbind(an: Analysis, node: fx.Node) -> Any:
+    """``unbind`` along another dim: every piece carries the channels."""
+    x = arg(node, 0, "input")
+    v, nd, out_shape = an.tensor_info(x), ndim(an, x), an.shape(node)
+    d = arg(node, 1, "dim", 0)
+    if v is None or nd is None or not isinstance(d, int) or not isinstance(out_shape, tuple):
+        return opaque(an, node)
+    d = norm_dim(d, nd)
+    if d == v.dim:
+        return opaque(an, node, f"{describe(node)} unbinds the channel dim")
+    return tuple(ChannelInfo(v.dim - (1 if d < v.dim else 0), v.units) for _ in out_shape)
+
+
 def pad(an: Analysis, node: fx.Node) -> Any:
     """``F.pad``: pads the last ``len(pad) // 2`` dims; the channel dim must get no padding."""
     x = arg(node, 0, "input")

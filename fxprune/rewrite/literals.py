@@ -66,7 +66,28 @@ def count(node: fx.Node, payload: tuple, kept: Callable) -> None:
     _set_arg(node, pos, name, kept(units))
 
 
+def view_dims(node: fx.Node, payload: tuple, kept: Callable) -> None:
+    """``view``/``reshape`` entries that stay at their traced value (e.g. ``C // heads`` read off
+    another tensor, for a head width that does not change when whole heads go)."""
+    units, sizes = payload
+    if kept(units) == len(units):
+        return
+    if "shape" in node.kwargs:
+        dims = list(node.kwargs["shape"])
+    else:
+        rest = list(node.args[1:])
+        packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
+        dims = list(rest[0]) if packed else rest
+    for d, size in sizes.items():
+        dims[d] = size
+    if "shape" in node.kwargs:
+        node.kwargs = {**node.kwargs, "shape": tuple(dims)}
+    else:
+        node.args = (node.args[0], tuple(dims)) if packed else (node.args[0], *dims)
+
+
 REWRITERS: dict[str, Callable[[fx.Node, Any, Callable], None]] = {
+    "view_dims": view_dims,
     "count": count,
     "normalized_shape": normalized_shape,
     "group_norm": group_norm,
