@@ -61,7 +61,8 @@ def _mha(node: fx.Node, m: nn.MultiheadAttention) -> int:
     else:
         batch, lq, lk = q[1], q[0], k[0]
     projections = batch * (lq * e * e + lk * m.kdim * e + lk * m.vdim * e + lq * e * e)
-    return projections + 2 * batch * lq * lk * e
+    attended = lk + int(m.bias_k is not None) + int(m.add_zero_attn)  # extra key/value rows
+    return projections + 2 * batch * lq * attended * e
 
 
 def _sdpa(node: fx.Node) -> int:

@@ -144,42 +144,67 @@ def _mha_problem(an: Analysis, node: fx.Node, m: Any) -> str | None:
     return None
 
 
-def _mha_projections(an: Analysis, node: fx.Node, m: Any, units: tuple, why: str) -> None:
+def _functional_form_problem(node: fx.Node, m: Any) -> str | None:
+    """Why this call cannot be rewritten as F.linear + scaled_dot_product_attention (None: it can)."""
+    if arg(node, 3, "key_padding_mask") is not None or arg(node, 5, "attn_mask") is not None:
+        return "attention masks"
+    if arg(node, 7, "is_causal", False) or m.bias_k is not None or m.add_zero_attn or m.dropout:
+        return "is_causal / add_bias_kv / add_zero_attn / attention dropout"
+    if _weights_used(node, arg(node, 4, "need_weights", True)):
+        return "its attention weights (averaged over heads) are used"
+    if any(u.op != "call_function" or u.target is not operator.getitem for u in node.users):
+        return "its output tuple is used as a whole"
+    return None
+
+
+def _head_units(an: Analysis, node: fx.Node, m: Any) -> tuple[int, ...]:
+    """One unit per head (the existing ones when the module is called again)."""
+    first = f"{node.target}.in_proj_weight" if m._qkv_same_embed_dim else f"{node.target}.q_proj_weight"
+    if (first, 0) in an.params:
+        return an.params[(first, 0)].units[0:m.embed_dim:m.head_dim]
+    return an.units.new_atom(("heads", node.target), m.num_heads, "producer")
+
+
+def _mha_projections(an: Analysis, node: fx.Node, m: Any, rows: tuple, out_units: tuple, why: str) -> None:
+    """Declare every tensor of the module: q/k/v rows follow ``rows`` (masked by the oracle),
+    their columns the inputs' channels, the output projection ``rows`` -> ``out_units``."""
     t = node.target
     q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
-    inputs = []
-    if m._qkv_same_embed_dim:
-        an.slice_param(f"{t}.in_proj_weight", 0, "producer", units * 3, t, why)
-        an.mask_at(f"{t}.in_proj_weight", 0)
-        inputs = [(x, f"{t}.in_proj_weight") for x in (q, k, v)]
-    else:
-        for x, name in ((q, "q_proj_weight"), (k, "k_proj_weight"), (v, "v_proj_weight")):
-            an.slice_param(f"{t}.{name}", 0, "producer", units, t, why)
-            an.mask_at(f"{t}.{name}", 0)
-            inputs.append((x, f"{t}.{name}"))
-    for x, weight in inputs:
+    packed = m._qkv_same_embed_dim
+    names = ["in_proj_weight"] * 3 if packed else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    for name in dict.fromkeys(names):
+        an.slice_param(f"{t}.{name}", 0, "producer", rows * 3 if packed else rows, t, why)
+        an.mask_at(f"{t}.{name}", 0)
+    for x, name in zip((q, k, v), names):
         xi = _tracked_last(an, x)
-        if xi is not None and len(xi.units) == an.param_tensor(weight).shape[1]:
-            an.slice_param(weight, 1, "consumer", xi.units, t, why)
+        if xi is not None and len(xi.units) == an.param_tensor(f"{t}.{name}").shape[1]:
+            an.slice_param(f"{t}.{name}", 1, "consumer", xi.units, t, why)
         else:
-            an.pin_value(an.value(x), f"{why}: key/value channels are not tracked on the last dim")
-            an.units.pin(units, f"{why}: key/value channels are not tracked on the last dim")
+            reason = f"{why}: its inputs' channels are not tracked on the last dim"
+            an.pin_value(an.value(x), reason)
+            an.pin_value(an.value(q), reason)
     if m.in_proj_bias is not None:
-        an.slice_param(f"{t}.in_proj_bias", 0, "passenger", units * 3, t, why)
+        an.slice_param(f"{t}.in_proj_bias", 0, "passenger", rows * 3, t, why)
         an.mask_at(f"{t}.in_proj_bias", 0)
     for name in ("bias_k", "bias_v"):
         if getattr(m, name, None) is not None:
-            an.slice_param(f"{t}.{name}", 2, "passenger", units, t, why)
+            an.slice_param(f"{t}.{name}", 2, "passenger", rows, t, why)
             an.mask_at(f"{t}.{name}", 2)
-    an.slice_param(f"{t}.out_proj.weight", 1, "consumer", units, f"{t}.out_proj", why)
-    an.slice_param(f"{t}.out_proj.weight", 0, "producer", units, f"{t}.out_proj", why)
+    an.slice_param(f"{t}.out_proj.weight", 1, "consumer", rows, f"{t}.out_proj", why)
+    an.slice_param(f"{t}.out_proj.weight", 0, "producer", out_units, f"{t}.out_proj", why)
     if m.out_proj.bias is not None:
-        an.slice_param(f"{t}.out_proj.bias", 0, "passenger", units, f"{t}.out_proj", why)
+        an.slice_param(f"{t}.out_proj.bias", 0, "passenger", out_units, f"{t}.out_proj", why)
 
 
 def multihead_attention(an: Analysis, node: fx.Node, mode: str = "heads") -> Any:
-    """``nn.MultiheadAttention`` as a leaf: whole heads (or, with ``mode="dims"``, the same
-    per-head dims in every head) go together with the embedding channels they read.
+    """``nn.MultiheadAttention`` as a leaf.
+
+    A call without masks, bias_kv, zero_attn, attention dropout or used weights gets its own
+    head space: whole heads go independently of the embedding (exact), and the rewrite turns
+    the call into ``F.linear`` + ``F.scaled_dot_product_attention`` + ``out_proj`` once any
+    width changes (``fxprune.rewrite.attention``). Any other call keeps the module: its heads
+    (or, with ``mode="dims"``, the same per-head dims in every head) go together with the
+    embedding channels they read.
 
     Example:
         >>> import torch, fxprune
@@ -192,23 +217,35 @@ def multihead_attention(an: Analysis, node: fx.Node, mode: str = "heads") -> Any
         ...         h = self.inp(x)
         ...         return self.out(self.mha(h, h, h, need_weights=False)[0])
         >>> p = fxprune.plan(Net(), fxprune.Policy(ratio=0.5), (torch.randn(2, 5, 4),))
-        >>> [(g.size, g.kept) for g in p.groups if g.removed]   # 2 heads of 4 channels
-        [(2, 1)]
+        >>> [(g.size, g.kept) for g in p.groups if g.removed]   # embedding 8, heads 2, mha output 8
+        [(8, 4), (2, 1), (8, 4)]
     """
     m = an.modules[node.target]
     why = describe(node)
-    problem = _mha_problem(an, node, m)
+    separate = mode == "heads" and _functional_form_problem(node, m) is None
+    problem = None if separate else _mha_problem(an, node, m)
     if problem:
         return opaque(an, node, f"{why}: {problem}")
     q = arg(node, 0, "query")
-    units = _tracked_last(an, q).units
-    reps = coarsen(an, units, m.num_heads, mode, why)
-    _mha_projections(an, node, m, units, why)
-    if _weights_used(node, arg(node, 4, "need_weights", True)):
-        an.units.pin(units, f"{why}: its attention weights (averaged over heads) are used")
+    nd = ndim(an, q)
+    if separate:
+        heads = _head_units(an, node, m)
+        rows = tuple(u for u in heads for _ in range(m.head_dim))
+        out_units = an.producer_units(f"{node.target}.out_proj.weight", 0, m.out_proj.out_features,
+                                      ("out", node.name, nd - 1))
+    else:
+        cols = _tracked_last(an, q).units
+        heads = coarsen(an, cols, m.num_heads, mode, why)
+        rows = out_units = cols
+    _mha_projections(an, node, m, rows, out_units, why)
+    if not separate and _weights_used(node, arg(node, 4, "need_weights", True)):
+        an.units.pin(cols, f"{why}: its attention weights (averaged over heads) are used")
     if mode == "heads":
-        an.size_module(node.target, reps, why)  # the fixer reads the kept heads as "kept"
-    out = ChannelInfo(ndim(an, q) - 1, units)
+        an.size_module(node.target, heads, why)  # the fixer reads the kept heads as "kept"
+    if separate:
+        spaces = [heads, out_units] + [an.tensor_info(x).units for x in node.args[:3] if an.tensor_info(x)]
+        an.rewrite_literal(node, "attention", (heads, tuple(spaces), not m.batch_first and nd == 3))
+    out = ChannelInfo(nd - 1, out_units)
     shape = an.shape(node)
     return (out, None) if isinstance(shape, tuple) and len(shape) == 2 and not isinstance(shape[0], int) else out
 

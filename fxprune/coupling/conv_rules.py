@@ -14,9 +14,9 @@ Example:
     >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, groups=2),
     ...                         torch.nn.Conv2d(8, 2, 1))
     >>> p = fxprune.plan(m, fxprune.Policy(ratio=0.5), (torch.randn(1, 3, 6, 6),))
-    >>> [g.size for g in p.groups]      # 8 channels = 2 blocks x 4 positions
-    [4, 4]
-    >>> fxprune.apply(p)[1]
+    >>> p.groups[0].size, p.groups[1].size   # 8 channels = 2 blocks x 4 positions
+    (4, 4)
+    >>> getattr(fxprune.apply(p), "1")
     Conv2d(4, 4, kernel_size=(3, 3), stride=(1, 1), groups=2)
 """
 from __future__ import annotations

@@ -70,6 +70,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     F.batch_norm: P(N.functional_norm, positions={"running_mean": 1, "running_var": 2, "weight": 3, "bias": 4}),
     F.normalize: P(R.along_dim, dim_pos=2, default=1, exact_if_channel=True),
     torch.channel_shuffle: S.channel_shuffle,
+    torch.max: R.max_min, torch.min: R.max_min,
     torch.cat: L.cat, torch.concat: L.cat, torch.concatenate: L.cat, torch.stack: L.stack,
     torch.flatten: L.flatten, torch.reshape: L.reshape, torch.permute: L.permute,
     torch.transpose: L.transpose, torch.split: L.split, torch.chunk: P(L.split, chunks=True),
@@ -85,6 +86,7 @@ _ELEMENTWISE_METHODS = [
 METHOD_RULES: dict[str, Rule] = {
     **{m: R.elementwise for m in _ELEMENTWISE_METHODS},
     "softmax": P(R.along_dim, dim_pos=1), "log_softmax": P(R.along_dim, dim_pos=1),
+    "max": R.max_min, "min": R.max_min,
     "mean": P(R.reduction, rescale=True), "amax": R.reduction, "amin": R.reduction,
     "sum": P(R.reduction, exact_over_channels=True),
     "flatten": L.flatten, "view": L.reshape, "reshape": L.reshape, "permute": L.permute,

@@ -183,6 +183,20 @@ def reduction(an: Analysis, node: fx.Node, exact_over_channels: bool = False, re
     return ChannelInfo(od, v.units)
 
 
+def max_min(an: Analysis, node: fx.Node) -> Any:
+    """``torch.max``/``min``: of two tensors (elementwise), along a dim (values and indices, a
+    reduction: inexact over the channel dim) or of everything (inexact)."""
+    other = arg(node, 1, "other", None) if len(node.args) > 1 or "other" in node.kwargs else None
+    if isinstance(other, fx.Node):
+        return elementwise(an, node)
+    out = reduction(an, node)
+    shapes = an.shape(node)
+    if isinstance(out, ChannelInfo) and isinstance(shapes, tuple) and len(shapes) == 2 \
+            and not is_tensor_shape(shapes):
+        return (out, out)
+    return out
+
+
 # -- weighted layers ---------------------------------------------------------------------
 def contract(an: Analysis, node: fx.Node, x: Any, x_dim: int, weight: str, in_dim: int,
              out_dim: int, out_size: int, bias: str | None, owner: str, out_channel_dim: int,

@@ -25,8 +25,8 @@ Example:
     ...         y = self.a(x).view(1, 2, 4, 5, 5).transpose(1, 2).contiguous().view(1, 8, 5, 5)
     ...         return self.b(y)
     >>> p = fxprune.plan(Shuffle(), fxprune.Policy(ratio=0.5), (torch.randn(1, 3, 5, 5),))
-    >>> [(g.size, g.kept) for g in p.groups]
-    [(4, 2)]
+    >>> (p.groups[0].size, p.groups[0].kept)
+    (4, 2)
     >>> p.removed_channels()["view_1"][1] == sorted(2 * j + i for j in p.groups[0].removed for i in (0, 1))
     True
 """
@@ -91,7 +91,9 @@ def split_channel_dim(an: Analysis, node: fx.Node, v: ChannelInfo, in_shape: tup
 
 
 def channel_shuffle(an: Analysis, node: fx.Node) -> Any:
-    """``torch.channel_shuffle(x, g)`` / ``nn.ChannelShuffle(g)``: out[j*g + i] = in[i*(C//g) + j]."""
+    """``torch.channel_shuffle(x, g)`` / ``nn.ChannelShuffle(g)``: out[j*g + i] = in[i*(C//g) + j].
+    Position j of every block goes together (``g`` stays), unless each block already carries a
+    single unit, in which case whole blocks go and ``g`` is rewritten."""
     x = R.arg(node, 0, "input")
     v = an.tensor_info(x)
     if node.op == "call_module":
@@ -100,6 +102,14 @@ def channel_shuffle(an: Analysis, node: fx.Node) -> Any:
         groups = R.arg(node, 1, "groups")
     if v is None or v.dim != 1 or not isinstance(groups, int) or len(v.units) % groups:
         return R.opaque(an, node, f"{R.describe(node)}: needs channels on dim 1 and an int groups")
+    per = len(v.units) // groups
+    if per > 1 and _natural_axis(an, v.units, (groups, per)) == 0:
+        reps = _along(v.units, (groups, per), 0)
+        if node.op == "call_module":
+            an.size_module(node.target, reps, R.describe(node))
+        else:
+            an.rewrite_literal(node, "count", (1, "groups", reps))
+        return ChannelInfo(1, reps * per)
     why = f"{R.describe(node)} with groups={groups}: position j of every block goes together"
     first = couple_blocks(an, v.units, groups, why)
     return ChannelInfo(1, tuple(u for u in first for _ in range(groups)))

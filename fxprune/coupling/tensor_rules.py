@@ -6,6 +6,19 @@ Contractions are described by index labels, one per dim, as in ``einsum``. The c
 every tracked operand must carry the same label. A label kept in the output is a batch-like dim
 (per-channel: the channels pass through); a label summed over is a contraction, exact when
 every operand that has it carries the same channels (zeroed terms drop out of the sum).
+
+Example:
+    >>> import torch, fxprune
+    >>> class Heads(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.q, self.k, self.out = torch.nn.Linear(3, 4), torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+    ...     def forward(self, x):                       # channels of q and k meet in the sum over d
+    ...         a = torch.einsum("bid,bjd->bij", self.q(x), self.k(x)).softmax(-1)
+    ...         return self.out(torch.einsum("bij,bjd->bid", a, self.q(x)))
+    >>> p = fxprune.plan(Heads(), fxprune.Policy(ratio=0.5), (torch.randn(1, 5, 3),))
+    >>> sorted(p.groups[0].params, key=lambda m: m.target)[0].target, p.groups[0].exact
+    ('k.bias', True)
 """
 from __future__ import annotations
 
@@ -70,6 +83,7 @@ def repeat(an: Analysis, node: fx.Node) -> Any:
 
 
 def unsqueeze(an: Analysis, node: fx.Node) -> Any:
+    """``unsqueeze``: a new size-1 dim before or after the channel dim."""
     x = arg(node, 0, "input")
     v, nd = an.tensor_info(x), ndim(an, x)
     d = arg(node, 1, "dim")
@@ -80,6 +94,7 @@ def unsqueeze(an: Analysis, node: fx.Node) -> Any:
 
 
 def squeeze(an: Analysis, node: fx.Node) -> Any:
+    """``squeeze``: size-1 dims go; a channel dim of size 1 that goes is blocked."""
     x = arg(node, 0, "input")
     v, in_shape = an.tensor_info(x), an.shape(x)
     if v is None or not is_tensor_shape(in_shape):
@@ -93,6 +108,7 @@ def squeeze(an: Analysis, node: fx.Node) -> Any:
 
 
 def movedim(an: Analysis, node: fx.Node) -> Any:
+    """``movedim``/``moveaxis``: the channel dim moves with the permutation."""
     x = arg(node, 0, "input")
     v, nd = an.tensor_info(x), ndim(an, x)
     src, dst = arg(node, 1, "source"), arg(node, 2, "destination")
@@ -205,6 +221,7 @@ def contract_labels(an: Analysis, node: fx.Node, operands: Sequence[tuple[Any, s
 
 
 def einsum(an: Analysis, node: fx.Node) -> Any:
+    """``torch.einsum`` with an explicit output (``"bhid,bhjd->bhij"``), see ``contract_labels``."""
     equation = node.args[0]
     tensors = list(node.args[1:])
     if len(tensors) == 1 and isinstance(tensors[0], (list, tuple)):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 import torch.fx as fx
@@ -97,18 +98,41 @@ def _rewrite_split(node: fx.Node, pieces: tuple, plan, removed: set) -> None:
     node.args, node.kwargs = (x, sizes), {"dim": dim}
 
 
+def _size_source(size: fx.Node) -> tuple[fx.Node, int] | None:
+    """(tensor, dim) when ``size`` reads one size of a tensor: ``x.shape[i]`` or ``x.size(i)``."""
+    if size.op == "call_method" and size.target == "size" and len(size.args) == 2:
+        return size.args[0], size.args[1]
+    src = size.args[0] if size.op == "call_function" and size.target is operator.getitem else None
+    if isinstance(src, fx.Node) and ((src.op == "call_function" and src.target is getattr and src.args[1] == "shape")
+                                     or (src.op == "call_method" and src.target == "size" and len(src.args) == 1)):
+        return src.args[0], size.args[1]
+    return None
+
+
+def _follows(size: fx.Node, kept: int, plan, removed: set) -> bool:
+    """True when a run-time size at the channel dim reads a tensor that keeps ``kept`` channels there."""
+    src = _size_source(size)
+    info = plan.analysis.info.get(src[0].name) if src and isinstance(src[0], fx.Node) else None
+    if not isinstance(info, ChannelInfo) or not isinstance(src[1], int):
+        return False
+    nd = len(shape(src[0]) or ())
+    return (src[1] + nd if src[1] < 0 else src[1]) == info.dim and len(plan.kept_positions(info.units, removed)) == kept
+
+
 def _rewrite_shape(node: fx.Node, out: ChannelInfo, plan, removed: set) -> None:
+    """The channel entry of a view/reshape becomes the kept width, unless it is -1 or a run-time
+    size of a tensor with the same kept width (``x.shape[-1]`` of another space does not shrink
+    with this one: it becomes a literal)."""
     kept = len(plan.kept_positions(out.units, removed))
-    if kept == len(out.units):
-        return
     rest = list(node.args[1:])
     packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
     dims = list(rest[0]) if packed else rest
     if "shape" in node.kwargs:
         dims, packed = list(node.kwargs["shape"]), None
     size = dims[out.dim] if out.dim < len(dims) else -1
-    if isinstance(size, fx.Node) or (isinstance(size, int) and size != -1):
-        dims[out.dim] = kept  # a size read off another tensor (x.shape[-1]) may not shrink with it
+    if isinstance(size, fx.Node) and not _follows(size, kept, plan, removed) \
+            or isinstance(size, int) and size not in (-1, kept):
+        dims[out.dim] = kept
         if packed is None:
             node.kwargs = {**node.kwargs, "shape": tuple(dims)}
         else:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch.fx as fx
 
 from ..coupling.rules import arg
+from .attention import decompose as decompose_attention
 
 
 def _set_arg(node: fx.Node, pos: int, name: str, value: Any) -> None:
@@ -67,17 +68,17 @@ def count(node: fx.Node, payload: tuple, kept: Callable) -> None:
 
 
 def view_dims(node: fx.Node, payload: tuple, kept: Callable) -> None:
-    """``view``/``reshape`` entries that stay at their traced value (e.g. ``C // heads`` read off
-    another tensor, for a head width that does not change when whole heads go)."""
+    """``view``/``reshape`` entries that stay at their traced value: a head width computed at run
+    time from another tensor (``C // heads``) would follow that tensor's width, not the heads'."""
     units, sizes = payload
-    if kept(units) == len(units):
-        return
     if "shape" in node.kwargs:
         dims = list(node.kwargs["shape"])
     else:
         rest = list(node.args[1:])
         packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
         dims = list(rest[0]) if packed else rest
+    if not any(isinstance(dims[d], fx.Node) for d in sizes) and kept(units) == len(units):
+        return
     for d, size in sizes.items():
         dims[d] = size
     if "shape" in node.kwargs:
@@ -87,6 +88,7 @@ def view_dims(node: fx.Node, payload: tuple, kept: Callable) -> None:
 
 
 REWRITERS: dict[str, Callable[[fx.Node, Any, Callable], None]] = {
+    "attention": decompose_attention,
     "view_dims": view_dims,
     "count": count,
     "normalized_shape": normalized_shape,

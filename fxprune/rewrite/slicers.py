@@ -130,6 +130,7 @@ FIXERS: dict[type, Callable[[nn.Module, dict], None]] = {
     nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm, nn.BatchNorm3d: _batch_norm,
     nn.InstanceNorm1d: _instance_norm, nn.InstanceNorm2d: _instance_norm, nn.InstanceNorm3d: _instance_norm,
     nn.GroupNorm: _group_norm, nn.LayerNorm: _layer_norm, nn.RMSNorm: _layer_norm, nn.PReLU: _prelu,
+    nn.ChannelShuffle: lambda m, before: setattr(m, "groups", before.get("kept", m.groups)),
 }
 
 try:  # torchvision attention blocks keep a head count next to their per-head tables

@@ -1,0 +1,1 @@
+"""Reproduction experiments: real data sets, reference models and trained baselines."""
