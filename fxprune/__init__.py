@@ -16,6 +16,7 @@ from .errors import (FxPruneError, InputError, PolicyError, StageError, TraceErr
 from .exporters import ExportError, LoadError, check_onnx, export, load, save
 from .importance import ImportanceContext, register as register_importance
 from .plan import Plan
+from .recalibrate import recalibrate
 from .policy import Policy
 from .report import explain
 from .rewrite import apply
@@ -27,5 +28,5 @@ __all__ = [
     "register_importance", "register_module_rule", "ImportanceContext", "FxPruneError",
     "TraceError", "InputError", "PolicyError", "StageError", "VerificationError",
     "export", "save", "load", "check_onnx", "ExportError", "LoadError",
-    "save_plan", "load_plan", "rebuild", "PlanMismatchError",
+    "save_plan", "load_plan", "rebuild", "PlanMismatchError", "recalibrate",
 ]

@@ -104,3 +104,18 @@ def test_ignore_by_name_and_type():
 def test_explain_lists_groups_and_widths():
     text = str(_plan("residual", ratio=0.5))
     assert "before" in text and "after" in text and "l2.c2" in text
+
+
+def test_a_split_piece_never_loses_all_its_channels():
+    model, inputs = build("split_chunk")
+
+    def second_half_first(group, ctx):
+        s = torch.ones(group.size, dtype=torch.float64)
+        if group.size == 12:
+            s[6:] = 0  # asks for the whole second split piece
+        return s
+
+    pruned = fxprune.transform(model, fxprune.Policy(importance=second_half_first, ratio=0.5), inputs)
+    g = pruned.meta["fxprune"].groups[0]
+    assert len(g.removed) == 5 and 6 not in g.removed
+    assert fxprune.verify(pruned).max_error < 1e-9
