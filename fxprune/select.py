@@ -123,27 +123,13 @@ def select(groups: list, scores: dict[int, torch.Tensor], policy: Policy, cost: 
         summary.update(metric=metric, target=target, achieved=achieved, knob=knob,
                        met=abs(achieved - target) <= 0.01)
     for g in eligible:
-        g.removed = _keep_every_piece(g, removal[g.id], scores[g.id])
+        g.removed = removal[g.id]
         _note_clamp(g, policy, chooser, summary)
+        _keep_every_member(g, scores[g.id])
     if policy.budget is not None:
         summary["achieved"] = cost.fractions({g.id: g.removed for g in eligible})[summary["metric"]]
         summary["met"] = abs(summary["achieved"] - summary["target"]) <= 0.01
-        _keep_every_member(g, scores[g.id])
     return summary
-
-
-def _keep_every_piece(g, removed: tuple, s: torch.Tensor) -> tuple:
-    """A tensor that holds only part of a group (a split piece, a concat input) keeps at least one
-    channel: its best-scored channel comes back when all of its channels were chosen."""
-    gone = set(removed)
-    if not gone:
-        return removed
-    values = s.tolist()
-    for member in g.members:
-        channels = set(member.channels)
-        if channels and channels <= gone and len(channels) < g.size:
-            gone.discard(max(channels, key=lambda c: (values[c], -c)))
-    return tuple(sorted(gone))
 
 
 def _top_up(removal: dict, chooser: _Selector, cost: CostModel, metric: str, target: float,
