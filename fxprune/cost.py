@@ -13,9 +13,9 @@ activations, pooling, elementwise arithmetic, softmax. Known differences from ``
 (each checked in tests/test_cost.py): ``einsum`` with more than two operands counts 0 here (torch
 counts the bmm calls it lowers to, whose order depends on its contraction path); ``nn.Bilinear`` /
 ``F.bilinear`` are counted here (``out * in1 * in2`` per output element) but not by torch,
-which has no formula for ``aten._trilinear``; ``F.scaled_dot_product_attention`` is counted here
-whichever kernel runs, while torch counts only the math path (its fused CPU flash-attention
-kernel reports 0).
+which has no formula for ``aten._trilinear``; attention products are counted here whichever
+kernel runs, while torch counts only the math path (its fused CPU SDPA kernel and the inference
+fast path of ``nn.MultiheadAttention`` report 0).
 """
 from __future__ import annotations
 

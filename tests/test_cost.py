@@ -123,7 +123,7 @@ def test_torchvision_models_and_their_pruned_versions_within_one_percent(arch):
 
 
 def test_explained_differences():
-    """Bilinear is counted here (torch has no formula for aten._trilinear); einsum with three
+    """Each difference from FlopCounterMode, shown. Bilinear is counted here (torch has no formula for aten._trilinear); einsum with three
     operands is not (torch counts the bmm calls of its contraction path); attention products are
     counted here whichever kernel runs, while FlopCounterMode misses the fused CPU kernels (SDPA's
     flash kernel, nn.MultiheadAttention's inference fast path)."""
@@ -149,9 +149,8 @@ def test_explained_differences():
     q = (torch.randn(2, 4, 5, 8),)
     assert our_macs(Fused(), q) == 2 * 4 * 5 * 5 * (8 + 8) == torch_macs(Fused(), q)
     assert torch_macs(Fused(), q, math_attention=False) in (0, our_macs(Fused(), q))  # 0: fused kernel ran
-    mha, x = zoo_transformer.build("mha", dtype=torch.float32)
-    attention_products = 2 * 2 * 5 * 5 * 16
-    assert torch_macs(mha, x, math_attention=False) in (our_macs(mha, x), our_macs(mha, x) - attention_products)
+    mha, x = zoo_transformer.build("mha", dtype=torch.float32)  # the fast path is not counted at all
+    assert torch_macs(mha, x, math_attention=False) < our_macs(mha, x) == torch_macs(mha, x)
 
 
 def test_param_macs_attributes_every_weighted_call():

@@ -109,12 +109,14 @@ def _fixer_without_rescale(m, before):
     m.head_dim = m.embed_dim // m.num_heads
 
 
-def test_same_per_head_dims_in_every_head_are_exact_with_the_query_rescale(monkeypatch):
-    model, inputs = build("mha_bias_kv")
-    fresh = build("mha_bias_kv", seed=1)[1]
+@pytest.mark.parametrize("name", ["mha", "mha_bias_kv"])  # own head space / coupled with the embedding
+def test_same_per_head_dims_in_every_head_are_exact_with_the_query_rescale(name, monkeypatch):
+    model, inputs = build(name)
+    fresh = build(name, seed=1)[1]
     with _mha_rule(attention_rules.multihead_attention_dims):
         pruned, plan = _check(model, inputs, fresh, fxprune.Policy(ratio=0.5))
-        assert [(g.size, g.kept) for g in plan.groups if g.removed] == [(4, 2)]
+        dims = next(g for g in plan.groups if any(p.target == "mha.in_proj_weight" for p in g.producers))
+        assert (dims.size, dims.kept) == (4, 2)
         assert (pruned.mha.num_heads, pruned.mha.head_dim) == (4, 2)
         monkeypatch.setitem(slicers.FIXERS, nn.MultiheadAttention, _fixer_without_rescale)
         unscaled = fxprune.transform(model, fxprune.Policy(ratio=0.5), inputs)

@@ -1,26 +1,32 @@
-"""Channel semantics of attention blocks whose head space is hidden inside one call:
-``nn.MultiheadAttention`` (a leaf module) and torchvision's fx-wrapped Swin functions.
+"""Channel semantics of attention: ``nn.MultiheadAttention`` (a leaf module), torchvision's
+fx-wrapped Swin functions, and heads split off a projection by a view (MaxViT, timm).
 
-Both derive their head width from the *input* width (``embed_dim == query.shape[-1]``,
-``head_dim = C // num_heads``), so the q/k/v/output projections' internal dims cannot shrink
-unless the embedding dim they read shrinks with them. The rules therefore put the embedding
-units, the q/k/v rows and the output projection in one channel space, coarsened so that the
-head structure survives:
+Three channel spaces meet in an attention block: the embedding it reads, its heads (the rows
+of the q/k/v projections and the columns of the output projection) and the embedding it
+writes. How they may shrink:
 
-- ``"heads"`` (default): the d embedding channels of a head form one unit: whole heads go
-  (``num_heads`` shrinks, ``head_dim`` stays).
-- ``"dims"`` (``nn.MultiheadAttention`` only): channel j of every head forms one unit: the
-  same per-head dims go in every head (``num_heads`` stays, ``head_dim`` shrinks).
+- **Separate heads** (``nn.MultiheadAttention`` called without masks, bias_kv, zero_attn,
+  attention dropout or used weights; views ``(..., C) -> (..., heads, C // heads)`` that feed
+  an einsum/matmul): one unit per head, so whole heads go independently of the embeddings
+  (with ``multihead_attention_dims``: one unit per head dim, the same dims go in every head).
+  The module call is rewritten into its functional form when a width changes
+  (``fxprune.rewrite.attention``); a view keeps ``head_dim`` as a literal.
+- **Coupled heads** (other ``nn.MultiheadAttention`` calls, torchvision's
+  ``shifted_window_attention``): these derive the head width from the input width
+  (``embed_dim == query.shape[-1]``, ``head_dim = C // num_heads``), so heads can only go with
+  the embedding channels they read: the embedding units are coarsened into whole heads
+  (``"heads"``, default) or, for ``nn.MultiheadAttention`` with ``multihead_attention_dims``,
+  into the same per-head dim of every head (``"dims"``).
 
-Exactness, against the mask oracle: the q/k/v rows are *mask sites* (``Analysis.mask_at``): the
-oracle zeroes the removed rows of the projection weight and bias, i.e. it zeroes the removed
-q/k/v channels inside the call. A removed head then has v = 0, so its output, and its share of
-the output projection, is zero: removing whole heads is exact. Removing dim j of every head
-drops the term q_j k_j from the logits (as the masked q_j = 0 does) but also changes the
-softmax scale 1/sqrt(d) to 1/sqrt(d'); the ``nn.MultiheadAttention`` fixer scales the kept
-query rows by sqrt(d'/d), which makes per-head-dim removal exact too. The embedding channels
-themselves usually pass through a LayerNorm before attention, which makes the whole space
-approximate: that mark comes from the LayerNorm rule, not from here.
+Exactness against the mask oracle. No node output shows the q/k/v channels of a leaf call,
+so its projection rows are *mask sites* (``Analysis.mask_at``): the oracle zeroes the removed
+rows of the weight and bias, i.e. the removed q/k/v channels. A removed head then has v = 0,
+so its output and its share of the output projection are zero: removing whole heads is exact.
+Removing dim j of every head drops q_j k_j from the logits, as the masked q_j = 0 does, but
+also turns the softmax scale 1/sqrt(d) into 1/sqrt(d'); the ``nn.MultiheadAttention`` fixer
+scales the kept query rows by sqrt(d'/d), which makes per-head-dim removal exact too. The
+embedding channels usually pass through a LayerNorm, which makes coupled heads approximate:
+that mark comes from the LayerNorm rule.
 """
 from __future__ import annotations
 
@@ -157,12 +163,20 @@ def _functional_form_problem(node: fx.Node, m: Any) -> str | None:
     return None
 
 
-def _head_units(an: Analysis, node: fx.Node, m: Any) -> tuple[int, ...]:
-    """One unit per head (the existing ones when the module is called again)."""
+def _separate_units(an: Analysis, node: fx.Node, m: Any, mode: str, nd: int) -> tuple[tuple, tuple, tuple]:
+    """(one unit per head or per head dim, the unit of each q/k/v row, the output units) of a
+    call with its own head space (the existing ones when the module is called again)."""
     first = f"{node.target}.in_proj_weight" if m._qkv_same_embed_dim else f"{node.target}.q_proj_weight"
+    heads, d = m.num_heads, m.head_dim
     if (first, 0) in an.params:
-        return an.params[(first, 0)].units[0:m.embed_dim:m.head_dim]
-    return an.units.new_atom(("heads", node.target), m.num_heads, "producer")
+        rows = an.params[(first, 0)].units[:m.embed_dim]
+    else:
+        new = an.units.new_atom((mode, node.target), heads if mode == "heads" else d, "producer")
+        rows = tuple(new[h] if mode == "heads" else new[j] for h in range(heads) for j in range(d))
+    units = rows[0:m.embed_dim:d] if mode == "heads" else rows[:d]
+    out_units = an.producer_units(f"{node.target}.out_proj.weight", 0, m.out_proj.out_features,
+                                  ("out", node.name, nd - 1))
+    return units, rows, out_units
 
 
 def _mha_projections(an: Analysis, node: fx.Node, m: Any, rows: tuple, out_units: tuple, why: str) -> None:
@@ -222,17 +236,14 @@ def multihead_attention(an: Analysis, node: fx.Node, mode: str = "heads") -> Any
     """
     m = an.modules[node.target]
     why = describe(node)
-    separate = mode == "heads" and _functional_form_problem(node, m) is None
+    separate = _functional_form_problem(node, m) is None
     problem = None if separate else _mha_problem(an, node, m)
     if problem:
         return opaque(an, node, f"{why}: {problem}")
     q = arg(node, 0, "query")
     nd = ndim(an, q)
     if separate:
-        heads = _head_units(an, node, m)
-        rows = tuple(u for u in heads for _ in range(m.head_dim))
-        out_units = an.producer_units(f"{node.target}.out_proj.weight", 0, m.out_proj.out_features,
-                                      ("out", node.name, nd - 1))
+        heads, rows, out_units = _separate_units(an, node, m, mode, nd)
     else:
         cols = _tracked_last(an, q).units
         heads = coarsen(an, cols, m.num_heads, mode, why)
@@ -244,7 +255,7 @@ def multihead_attention(an: Analysis, node: fx.Node, mode: str = "heads") -> Any
         an.size_module(node.target, heads, why)  # the fixer reads the kept heads as "kept"
     if separate:
         spaces = [heads, out_units] + [an.tensor_info(x).units for x in node.args[:3] if an.tensor_info(x)]
-        an.rewrite_literal(node, "attention", (heads, tuple(spaces), not m.batch_first and nd == 3))
+        an.rewrite_literal(node, "attention", (tuple(spaces), not m.batch_first and nd == 3))
     out = ChannelInfo(nd - 1, out_units)
     shape = an.shape(node)
     return (out, None) if isinstance(shape, tuple) and len(shape) == 2 and not isinstance(shape[0], int) else out

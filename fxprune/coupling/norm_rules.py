@@ -34,11 +34,15 @@ from . import rules as R
 from .state import Analysis, ChannelInfo, ParamRef
 
 
-def _passengers(an: Analysis, node: fx.Node, owner: str, names: dict, units, dim: int = 0) -> None:
-    """Declare every present tensor in ``names`` ({target: value}) a passenger along ``dim``."""
-    for target, present in names.items():
-        if present:
-            an.slice_param(target, dim, "passenger", units, owner, R.describe(node))
+def _passengers(an: Analysis, node: fx.Node, targets: list, units, owner: str | None = None) -> None:
+    """Declare every tensor in ``targets`` (None entries skipped) a per-channel passenger."""
+    for target in targets:
+        if target:
+            an.slice_param(target, 0, "passenger", units, owner or target, R.describe(node))
+
+
+def _present(m, target: str, names: tuple) -> list:
+    return [f"{target}.{n}" for n in names if getattr(m, n, None) is not None]
 
 
 def _ref(an: Analysis, node: fx.Node, pos: int, name: str) -> Any:
@@ -64,9 +68,8 @@ def instance_norm_module(an: Analysis, node: fx.Node) -> Any:
     v = an.tensor_info(R.arg(node, 0, "input"))
     if not _feature_dim(an, node, v, m._get_no_batch_dim() - 1):
         return R.opaque(an, node, f"{R.describe(node)}: channels are not on the feature dim")
-    names = {f"{node.target}.{n}": getattr(m, n, None) is not None
-             for n in ("weight", "bias", "running_mean", "running_var")}
-    _passengers(an, node, node.target, names, v.units)
+    names = _present(m, node.target, ("weight", "bias", "running_mean", "running_var"))
+    _passengers(an, node, names, v.units, node.target)
     an.size_module(node.target, v.units, R.describe(node))
     return ChannelInfo(v.dim, v.units)
 
@@ -79,9 +82,7 @@ def functional_norm(an: Analysis, node: fx.Node, positions: dict) -> Any:
     refs = {name: _ref(an, node, pos, name) for name, pos in positions.items()}
     if any(r is False for r in refs.values()):
         return R.opaque(an, node, f"{R.describe(node)}: statistics/affine are not get_attr tensors")
-    for target in refs.values():
-        if target:
-            _passengers(an, node, target, {target: True}, v.units)
+    _passengers(an, node, list(refs.values()), v.units)
     return ChannelInfo(v.dim, v.units)
 
 
@@ -106,8 +107,7 @@ def group_norm_module(an: Analysis, node: fx.Node) -> Any:
     if not _feature_dim(an, node, v, None) or len(v.units) != m.num_channels:
         return R.opaque(an, node, f"{R.describe(node)}: channels are not on dim 1")
     _group_norm(an, node, v, m.num_groups, R.describe(node))
-    names = {f"{node.target}.{n}": getattr(m, n, None) is not None for n in ("weight", "bias")}
-    _passengers(an, node, node.target, names, v.units)
+    _passengers(an, node, _present(m, node.target, ("weight", "bias")), v.units, node.target)
     an.size_module(node.target, v.units, R.describe(node))
     return ChannelInfo(v.dim, v.units)
 
@@ -121,9 +121,7 @@ def group_norm_functional(an: Analysis, node: fx.Node) -> Any:
         return R.opaque(an, node, f"{R.describe(node)}: needs channels on dim 1, an int num_groups "
                                   "and get_attr affine tensors")
     _group_norm(an, node, v, groups, R.describe(node))
-    for target in refs:
-        if target:
-            _passengers(an, node, target, {target: True}, v.units)
+    _passengers(an, node, refs, v.units)
     an.rewrite_literal(node, "group_norm", (v.units, len(v.units) // groups if groups > 1 else 0))
     return ChannelInfo(v.dim, v.units)
 
@@ -150,7 +148,7 @@ def layer_norm_module(an: Analysis, node: fx.Node) -> Any:
     """``nn.LayerNorm`` (and ``nn.RMSNorm``): inexact over the channel dim, exact otherwise."""
     m = an.modules[node.target]
     shape = tuple(m.normalized_shape)
-    names = [f"{node.target}.{n}" for n in ("weight", "bias") if getattr(m, n, None) is not None]
+    names = _present(m, node.target, ("weight", "bias"))
     out, index = _layer_norm(an, node, shape, names, node.target)
     if index is not None and not names:
         if index != len(shape) - 1:

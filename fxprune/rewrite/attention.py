@@ -62,7 +62,7 @@ def _projections(g: fx.Graph, t: str, m: torch.nn.Module, q: Any, k: Any, v: Any
 def decompose(node: fx.Node, payload: tuple, kept: Callable) -> None:
     """Replace a ``call_module`` of ``nn.MultiheadAttention`` by its functional form when any of
     its widths changed; its users read output 0 only (``attention_rules`` checked that)."""
-    heads, spaces, seq_first = payload
+    spaces, seq_first = payload
     if all(kept(u) == len(u) for u in spaces):
         return
     g, t = node.graph, node.target
@@ -72,7 +72,7 @@ def decompose(node: fx.Node, payload: tuple, kept: Callable) -> None:
         if seq_first:  # (L, N, E) -> (N, L, E); the same input stays one value
             moved = {x: g.call_method("transpose", (x, 0, 1)) for x in dict.fromkeys((q, k, v))}
             q, k, v = moved[q], moved[k], moved[v]
-        split = (kept(heads), m.head_dim)
+        split = (m.num_heads, m.head_dim)  # as the fixer left them after slicing
         qkv = [g.call_method("transpose", (g.call_method("unflatten", (x, -1, split)), -3, -2))
                for x in _projections(g, t, m, q, k, v)]
         o = g.call_function(F.scaled_dot_product_attention, tuple(qkv))

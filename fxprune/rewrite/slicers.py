@@ -113,15 +113,6 @@ def _multihead_attention(m: nn.Module, before: dict) -> None:
                 m.in_proj_bias[:width].mul_(scale)
 
 
-def _heads_from(table: str, dim: int, attr: str) -> Callable[[nn.Module, dict], None]:
-    """Fixer of a module whose head count is the size of one of its per-head tensors."""
-    def fix(m: nn.Module, before: dict) -> None:
-        t = getattr(m, table, None)
-        if isinstance(t, torch.Tensor) and t.dim() > dim:
-            setattr(m, attr, t.shape[dim])
-    return fix
-
-
 FIXERS: dict[type, Callable[[nn.Module, dict], None]] = {
     nn.MultiheadAttention: _multihead_attention,
     nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv,
@@ -132,14 +123,6 @@ FIXERS: dict[type, Callable[[nn.Module, dict], None]] = {
     nn.GroupNorm: _group_norm, nn.LayerNorm: _layer_norm, nn.RMSNorm: _layer_norm, nn.PReLU: _prelu,
     nn.ChannelShuffle: lambda m, before: setattr(m, "groups", before.get("kept", m.groups)),
 }
-
-try:  # torchvision attention blocks keep a head count next to their per-head tables
-    from torchvision.models import maxvit as _maxvit, swin_transformer as _swin
-    FIXERS[_swin.ShiftedWindowAttention] = _heads_from("relative_position_bias_table", 1, "num_heads")
-    FIXERS[_swin.ShiftedWindowAttentionV2] = _heads_from("logit_scale", 0, "num_heads")
-    FIXERS[_maxvit.RelativePositionalMultiHeadAttention] = _heads_from("relative_position_bias_table", 1, "n_heads")
-except ImportError:  # pragma: no cover
-    pass
 
 SIZE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
               "num_channels", "num_groups", "num_parameters", "normalized_shape", "embed_dim", "num_heads")

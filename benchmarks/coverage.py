@@ -1,0 +1,228 @@
+"""Coverage of torchvision's models at ratio 0.5: does the transform succeed, what is pruned, and
+does the mask oracle hold with ``exact_only=True`` (float32, tolerance 1e-4)?
+
+    python benchmarks/coverage.py [--models resnet50 swin_t fcn_resnet50] [--size 224] [--fast]
+                                  [--timeout 900] [--json benchmarks/results/coverage.json]
+
+Runs every ``torchvision.models.list_models(module=torchvision.models)`` classification model and
+the six segmentation models (weights=None, batch 1). Each model is transformed twice: with the
+default policy (``Policy(ratio=0.5)``) and with ``exact_only=True``; the second is checked by
+``fxprune.verify``. Output shapes (and dict keys) must not change. Parameters that are all zero
+(ViT's head and class token) are redrawn from N(0, 0.02) first, so the oracle compares more than
+constants. ``--fast`` uses 64x64 inputs where the model allows it (ViT and MaxViT need 224,
+Inception-v3 at least 75). A failure or a timeout is a result, not a crash: rows are written to
+the JSON as they finish. Prints a table (tabulate) and a summary line.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import signal
+import time
+
+import torch
+import torchvision
+from tabulate import tabulate
+from tqdm import tqdm
+
+import fxprune
+from fxprune.cost import count
+
+CLASSIFICATION = torchvision.models.list_models(module=torchvision.models)
+SEGMENTATION = ["fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
+                "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
+OUT = os.path.join(os.path.dirname(__file__), "results", "coverage.json")
+FAST_SIZE = 64
+
+
+def input_size(name: str, size: int, fast: bool) -> int:
+    """The input side for ``name``: ``size`` (64 with ``fast``) unless the model needs another."""
+    if name.startswith("vit_") or name == "maxvit_t":
+        return 224  # fixed by the architecture
+    if name == "inception_v3":
+        return 96 if fast else 299
+    return min(size, FAST_SIZE) if fast else size
+
+
+def build(name: str) -> torch.nn.Module:
+    """``name`` from torchvision, untrained, in eval mode, all-zero weight tensors redrawn."""
+    torch.manual_seed(0)
+    kwargs = {"weights": None}
+    if name in ("inception_v3", "googlenet"):
+        kwargs.update(aux_logits=False, init_weights=True)
+    if name in SEGMENTATION:
+        kwargs["weights_backbone"] = None
+    model = torchvision.models.get_model(name, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.abs().max():
+                p.normal_(0, 0.02)
+    return model
+
+
+class Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise ``Timeout`` in the main thread after ``seconds`` (0: no limit)."""
+    def _raise(signum, frame):
+        raise Timeout(f"no result within {seconds:g} s")
+    if not seconds or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def structure(out):
+    """Shapes of an output, keeping dict keys and tuple/list nesting."""
+    if isinstance(out, torch.Tensor):
+        return list(out.shape)
+    if isinstance(out, dict):
+        return {str(k): structure(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return [structure(v) for v in out]
+    return type(out).__name__
+
+
+def short(err: BaseException, width: int = 160) -> str:
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def group_counts(plan) -> dict:
+    g = plan.groups
+    return {"groups": len(g), "pruned": sum(1 for x in g if x.removed),
+            "exact": sum(1 for x in g if x.exact and not x.blocked),
+            "approximate": sum(1 for x in g if not x.exact and not x.blocked),
+            "blocked": sum(1 for x in g if x.blocked)}
+
+
+def ratios(plan, pruned) -> dict:
+    before, after = count(plan.traced), count(pruned)
+    return {"params_ratio": after["params"] / before["params"] if before["params"] else None,
+            "macs_ratio": after["macs"] / before["macs"] if before["macs"] else None}
+
+
+def run_default(model, x: tuple, expected) -> dict:
+    """Default policy: groups, ratios, plan/apply seconds, output structure unchanged."""
+    pruned = fxprune.transform(model, fxprune.Policy(ratio=0.5), x)
+    plan = pruned.meta["fxprune"]
+    with torch.no_grad():
+        got = structure(pruned(*x))
+    stages = {k: round(v, 4) for k, v in plan.timings.items()}
+    row = {"nodes": len(plan.traced.graph.nodes), **group_counts(plan), **ratios(plan, pruned),
+           "plan_s": sum(v for k, v in plan.timings.items() if k != "rewrite"),
+           "apply_s": plan.timings.get("rewrite", 0.0), "stages_s": stages, "shape_ok": got == expected}
+    del pruned, plan
+    return row
+
+
+def run_exact(model, x: tuple) -> dict:
+    """``exact_only=True``: ratios and the mask oracle."""
+    pruned = fxprune.transform(model, fxprune.Policy(ratio=0.5, exact_only=True), x)
+    plan = pruned.meta["fxprune"]
+    check = fxprune.verify(pruned)
+    r = ratios(plan, pruned)
+    row = {"exact_params_ratio": r["params_ratio"], "exact_macs_ratio": r["macs_ratio"],
+           "oracle_error": check.max_error, "oracle_ok": bool(check.ok)}
+    del pruned, plan
+    return row
+
+
+def measure(name: str, size: int, fast: bool) -> dict:
+    side = input_size(name, size, fast)
+    row = {"model": name, "kind": "segmentation" if name in SEGMENTATION else "classification",
+           "size": side, "transform_ok": False}
+    model = build(name)
+    torch.manual_seed(1)
+    x = (torch.randn(1, 3, side, side),)
+    with torch.no_grad():
+        expected = structure(model(*x))
+    try:
+        row.update(run_default(model, x, expected))
+        row["transform_ok"] = True
+        gc.collect()
+        row.update(run_exact(model, x))
+    finally:
+        del model
+        gc.collect()
+    return row
+
+
+def safe_measure(name: str, size: int, fast: bool, timeout: float) -> dict:
+    start = time.perf_counter()
+    try:
+        with time_limit(timeout):
+            row = measure(name, size, fast)
+    except Exception as err:  # a failure is a result of this benchmark, not a crash
+        row = {"model": name, "kind": "segmentation" if name in SEGMENTATION else "classification",
+               "transform_ok": False, "error": short(err)}
+    row["wall_s"] = round(time.perf_counter() - start, 2)
+    gc.collect()
+    return row
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.2e}" if v and abs(v) < 1e-2 else f"{v:.3f}"
+    return "" if v is None else str(v)
+
+
+def table(rows: list[dict]) -> str:
+    keys = ["model", "size", "nodes", "groups", "exact", "approximate", "blocked", "params_ratio",
+            "macs_ratio", "plan_s", "apply_s", "shape_ok", "exact_params_ratio", "oracle_error",
+            "oracle_ok", "error"]
+    heads = ["model", "size", "nodes", "groups", "exact", "approx", "blocked", "params", "MACs",
+             "plan s", "apply s", "shapes", "params (exact)", "oracle err", "oracle", "error"]
+    return tabulate([[_fmt(r.get(k)) for k in keys] for r in rows], headers=heads)
+
+
+def summary(rows: list[dict]) -> str:
+    cls = [r for r in rows if r["kind"] == "classification"]
+    seg = [r for r in rows if r["kind"] == "segmentation"]
+    ok = sum(1 for r in cls if r["transform_ok"] and r.get("shape_ok"))
+    oracle = sum(1 for r in cls if r.get("oracle_ok"))
+    seg_ok = sum(1 for r in seg if r["transform_ok"] and r.get("shape_ok") and r.get("oracle_ok"))
+    return (f"transform ok: {ok}/{len(cls)}, oracle (exact_only) ok: {oracle}/{len(cls)}, "
+            f"segmentation: {seg_ok}/{len(seg)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=CLASSIFICATION + SEGMENTATION)
+    ap.add_argument("--size", type=int, default=224, help="input side (segmentation: at most 224)")
+    ap.add_argument("--fast", action="store_true", help=f"{FAST_SIZE}x{FAST_SIZE} inputs where the model allows")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per model (0: none)")
+    ap.add_argument("--json", default=OUT)
+    args = ap.parse_args()
+    unknown = set(args.models) - set(CLASSIFICATION + SEGMENTATION)
+    if unknown:
+        ap.error(f"unknown models: {sorted(unknown)}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    rows = []
+    for name in tqdm(args.models, desc="coverage", unit="model"):
+        size = min(args.size, 224) if name in SEGMENTATION else args.size
+        rows.append(safe_measure(name, size, args.fast, args.timeout))
+        with open(args.json, "w") as f:
+            json.dump({"ratio": 0.5, "size": args.size, "fast": args.fast, "torch": torch.__version__,
+                       "torchvision": torchvision.__version__, "rows": rows}, f, indent=1)
+    print(table(rows))
+    print(summary(rows))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
