@@ -9,22 +9,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(1)  # tiny tensors: one thread avoids spinning against other work
 
 
-def snapshot(model: torch.nn.Module) -> dict:
-    """Everything about a model that fxprune promises not to change."""
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "training": [m.training for m in model.modules()],
-        "modules": [(n, type(m), repr(m)) for n, m in model.named_modules()],
-    }
-
-
-def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    assert after["training"] == before["training"]
-    assert after["modules"] == before["modules"]
-    assert before["state"].keys() == after["state"].keys()
-    for k, v in before["state"].items():
-        assert torch.equal(v, after["state"][k]), f"{k} changed"
+from model_state import assert_unchanged, snapshot  # noqa: E402
 
 
 @pytest.fixture

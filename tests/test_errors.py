@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from conftest import assert_unchanged, snapshot
+from model_state import assert_unchanged, snapshot
 
 
 class DataDependent(nn.Module):

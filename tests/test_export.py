@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from conftest import assert_unchanged, snapshot
+from model_state import assert_unchanged, snapshot
 from fxprune.exporters import (FORMATS, ExportError, LoadError, check_onnx, export, load, save)
 
 

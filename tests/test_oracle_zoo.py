@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fxprune
-from conftest import assert_unchanged, snapshot
+from model_state import assert_unchanged, snapshot
 from zoo import ZOO, build
 
 POLICIES = [

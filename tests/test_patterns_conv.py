@@ -8,7 +8,7 @@ import torch.nn as nn
 import torchvision
 
 import fxprune
-from conftest import assert_unchanged, snapshot
+from model_state import assert_unchanged, snapshot
 from zoo_conv import APPROXIMATE, EXACT, build
 
 POLICIES = [

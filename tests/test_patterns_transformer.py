@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torchvision.models import maxvit, swin_transformer as swin, vision_transformer as vit
 
 import fxprune
-from conftest import assert_unchanged, snapshot
+from model_state import assert_unchanged, snapshot
 from fxprune.coupling import attention_rules, ops
 from fxprune.rewrite import slicers
 from fxprune.verify import MaskedInterpreter, relative_error

@@ -4,7 +4,7 @@ import torch
 import torchvision
 
 import fxprune
-from conftest import assert_unchanged, snapshot
+from model_state import assert_unchanged, snapshot
 
 MODELS = ["resnet18", "resnet50", "vgg16_bn", "densenet121", "mobilenet_v2", "googlenet",
           "squeezenet1_1", "efficientnet_b0", "inception_v3"]

@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from conftest import assert_unchanged, snapshot
+from model_state import assert_unchanged, snapshot
 from fxprune import bench
 from fxprune.bench import (BenchError, Comparison, DeviceUnavailableError, LatencyStats,
                            batch_sweep, compare, count_macs, count_params, format_table,

@@ -7,11 +7,13 @@ failing example is printed as a readable spec that ``build`` reproduces exactly.
 
 Every network's ``forward`` is a Python loop over its stored ``nn.ModuleList`` of blocks, with no
 data-dependent control flow, so ``torch.fx`` traces it. Blocks cover the coupling patterns of the
-README: conv-bn-act, residual adds (identity and projection shortcuts), channel concat, split and
-chunk on the channel dim (pieces concatenated back in any order, or multiplied together), grouped
-and depthwise convolutions (channel multipliers included), squeeze-excitation gates, one module
-called twice (inside a block, or the same block reused later in the chain), flatten -> Linear
-heads in every spelling, and tuple or dict outputs of intermediate tensors. Conv1d and Conv2d
+README: conv-bn-act (with stride or pooling), residual adds (identity and projection shortcuts),
+channel concat (a piece may appear twice), split and chunk on the channel dim (of a conv output or
+straight across an earlier concat; pieces concatenated back in any order, multiplied or added),
+elementwise add/sub/mul of two branches, grouped and depthwise convolutions (channel multipliers
+included), squeeze-excitation gates, one module called twice (inside a block, or the same block
+reused later in the chain), flatten -> Linear heads in every spelling, and tuple or dict outputs
+of intermediate tensors. Conv1d and Conv2d
 networks are both generated. Networks are tiny (widths 2-12, spatial size 4-8, at most 6 blocks)
 so one example runs in a fraction of a second.
 """
@@ -29,6 +31,7 @@ import fxprune
 
 MIN_WIDTH, MAX_WIDTH = 2, 12
 MAX_BLOCKS = 6
+MAX_CONCAT_WIDTH = 24  # concats may grow wider than MAX_WIDTH; past this a conv narrows again
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
@@ -160,7 +163,8 @@ class Residual(nn.Module):
 
 class Concat(nn.Module):
     """Branches (convs of ``widths``, plus the input itself when ``identity``) concatenated on
-    the channel dim in the order ``order`` (a permutation of the pieces)."""
+    the channel dim in the order ``order`` (a permutation of the pieces, maybe with one piece
+    repeated: ``cat([a, b, a])``)."""
 
     def __init__(self, dims, cin, widths, ks, identity, order, act):
         super().__init__()
@@ -175,17 +179,19 @@ class Concat(nn.Module):
 
 
 class SplitJoin(nn.Module):
-    """A conv to ``width`` channels, split on the channel dim, pieces optionally convolved, then
-    joined: concatenated in the order ``order`` or (two equal pieces) multiplied, ``u * gate(v)``.
+    """Split on the channel dim (after a 1x1 conv to ``width`` channels when ``pre``, else the
+    incoming tensor itself, which may be a concat whose pieces the split boundaries cross),
+    pieces optionally convolved, then joined: ``"cat"`` in the order ``order``, or for two pieces
+    of equal width ``"mul"`` (``act(u) * sigmoid(v)``) or ``"add"`` (``act(u) + v``).
 
     ``how``: ``"split_list"`` (``torch.split(x, sizes, 1)``), ``"split_method"``
     (``x.split(sizes, dim=1)``), ``"split_int"`` (``torch.split(x, size, 1)``, equal pieces),
     ``"chunk_method"`` (``x.chunk(n, dim=1)``), ``"chunk_fn"`` (``torch.chunk(x, n, 1)``).
     """
 
-    def __init__(self, dims, cin, width, how, sizes, piece_out, join, order, act):
+    def __init__(self, dims, cin, width, how, sizes, piece_out, join, order, act, pre):
         super().__init__()
-        self.pre = CONV[dims](cin, width, 1)
+        self.pre = CONV[dims](cin, width, 1) if pre else nn.Identity()
         self.piece_convs = nn.ModuleList(
             CONV[dims](s, o, 3, padding=1) if o else nn.Identity() for s, o in zip(sizes, piece_out))
         self.how, self.sizes, self.join, self.order, self.act = how, list(sizes), join, order, act
@@ -206,7 +212,29 @@ class SplitJoin(nn.Module):
         pieces = [conv(pieces[i]) for i, conv in enumerate(self.piece_convs)]
         if self.join == "mul":
             return act(self.act, pieces[0]) * torch.sigmoid(pieces[1])
+        if self.join == "add":
+            return act(self.act, pieces[0]) + pieces[1]
         return act(self.act, torch.cat([pieces[i] for i in self.order], 1))
+
+
+class Binary(nn.Module):
+    """Two conv branches of equal width combined elementwise: ``act(a(x)) <op> b(x)``."""
+
+    def __init__(self, dims, cin, width, op, act):
+        super().__init__()
+        self.a = CONV[dims](cin, width, 3, padding=1)
+        self.b = CONV[dims](cin, width, 1)
+        self.op, self.act = op, act
+
+    def forward(self, x):
+        u, v = act(self.act, self.a(x)), self.b(x)
+        if self.op == "mul":
+            return u * v
+        if self.op == "sub":
+            return torch.sub(u, v)
+        if self.op == "add_alpha":
+            return torch.add(u, v, alpha=0.5)
+        return u + v
 
 
 class GroupedConv(nn.Module):
@@ -358,7 +386,9 @@ def _make_block(dims: int, spec: BlockSpec, made: list) -> nn.Module:
         return Concat(dims, p["cin"], p["widths"], p["ks"], p["identity"], p["order"], p["act"])
     if k == "split":
         return SplitJoin(dims, p["cin"], p["width"], p["how"], p["sizes"], p["piece_out"], p["join"],
-                         p["order"], p["act"])
+                         p["order"], p["act"], p["pre"])
+    if k == "binary":
+        return Binary(dims, p["cin"], p["width"], p["op"], p["act"])
     if k == "grouped":
         return GroupedConv(dims, p["cin"], p["cout"], p["groups"], p["k"], p["bias"], p["act"])
     if k == "depthwise":
@@ -454,39 +484,66 @@ def residual_blocks(draw, dims: int, cin: int, spatial: int):
 
 @st.composite
 def concat_blocks(draw, dims: int, cin: int, spatial: int):
-    """Channel concat of 1-3 conv branches (and maybe the input itself), in a random order."""
+    """Channel concat of 1-3 conv branches (and maybe the input itself), in a random order,
+    sometimes with one piece concatenated twice."""
     n = draw(st.integers(1, 3))
     ws = draw(st.lists(st.integers(MIN_WIDTH, 6), min_size=n, max_size=n))
     ks = draw(st.lists(st.sampled_from([1, 3]), min_size=n, max_size=n))
     identity = draw(st.booleans()) or n == 1
     pieces = n + identity
-    order = draw(st.permutations(range(pieces)))
+    order = list(draw(st.permutations(range(pieces))))
+    if draw(st.integers(0, 4)) == 0:
+        order.insert(draw(st.integers(0, len(order))), draw(st.integers(0, pieces - 1)))
     spec = block("concat", cin=cin, widths=tuple(ws), ks=tuple(ks), identity=identity,
                  order=tuple(order), act=draw(acts))
-    return spec, sum(ws) + (cin if identity else 0), spatial
+    widths_of = list(ws) + ([cin] if identity else [])
+    return spec, sum(widths_of[i] for i in order), spatial
 
 
 @st.composite
 def split_blocks(draw, dims: int, cin: int, spatial: int):
-    """split/chunk on the channel dim after a 1x1 conv; pieces maybe convolved (to any width),
-    then concatenated in any order, or two equal unconvolved pieces multiplied ``u * sigmoid(v)``."""
+    """split/chunk on the channel dim, of the incoming tensor or of a 1x1 conv's output; pieces
+    maybe convolved (to any width), then concatenated in any order, or two pieces of equal
+    width multiplied (``act(u) * sigmoid(v)``) or added."""
     how = draw(st.sampled_from(["split_list", "split_method", "split_int", "chunk_method", "chunk_fn"]))
-    if how == "split_list" or how == "split_method":
-        sizes = tuple(draw(st.lists(st.integers(1, 5), min_size=2, max_size=3)))
-    else:
+    equal = how not in ("split_list", "split_method")
+    pre = cin < 2 or draw(st.booleans())
+    if not pre and equal and not any(cin % n == 0 and cin // n >= 1 for n in (2, 3)):
+        pre = True
+    if pre and equal:
         n = draw(st.sampled_from([2, 2, 3]))
         sizes = (draw(st.integers(1, 4)),) * n
-    width = sum(sizes)
-    join = "mul" if len(sizes) == 2 and sizes[0] == sizes[1] and draw(st.booleans()) else "cat"
-    if join == "mul":
-        piece_out = (0, 0)
+    elif pre:
+        sizes = tuple(draw(st.lists(st.integers(1, 5), min_size=2, max_size=3)))
+    elif equal:
+        n = draw(st.sampled_from([n for n in (2, 3) if cin % n == 0]))
+        sizes = (cin // n,) * n
     else:
+        cuts = sorted(draw(st.sets(st.integers(1, cin - 1), min_size=1, max_size=min(2, cin - 1))))
+        sizes = tuple(b - a for a, b in zip([0] + cuts, cuts + [cin]))
+    width = sum(sizes)
+    join = "cat"
+    if len(sizes) == 2 and sizes[0] == sizes[1]:
+        join = draw(st.sampled_from(["cat", "mul", "add"]))
+    s0 = sizes[0]
+    if join == "cat":
         piece_out = tuple(draw(st.sampled_from([0, 0, s, MIN_WIDTH, 5])) for s in sizes)
+    else:
+        piece_out = draw(st.sampled_from([(0, 0), (s0, 0), (0, s0), (3, 3)]))
     order = tuple(draw(st.permutations(range(len(sizes)))))
     spec = block("split", cin=cin, width=width, how=how, sizes=sizes, piece_out=piece_out, join=join,
-                 order=order, act=draw(acts))
-    out = sizes[0] if join == "mul" else sum(o or s for s, o in zip(sizes, piece_out))
-    return spec, out, spatial
+                 order=order, act=draw(acts), pre=pre)
+    outs = [o or s for s, o in zip(sizes, piece_out)]
+    return spec, outs[0] if join != "cat" else sum(outs), spatial
+
+
+@st.composite
+def binary_blocks(draw, dims: int, cin: int, spatial: int):
+    """Two conv branches of equal width combined by ``+``, ``torch.sub``, ``*`` or ``torch.add(alpha=)``."""
+    width = draw(widths)
+    spec = block("binary", cin=cin, width=width, op=draw(st.sampled_from(["add", "sub", "mul", "add_alpha"])),
+                 act=draw(acts))
+    return spec, width, spatial
 
 
 @st.composite
@@ -532,6 +589,7 @@ def shared_blocks(draw, dims: int, cin: int, spatial: int):
 BLOCKS = {
     "conv": conv_blocks, "residual": residual_blocks, "concat": concat_blocks, "split": split_blocks,
     "grouped": grouped_blocks, "depthwise": depthwise_blocks, "se": se_blocks, "shared": shared_blocks,
+    "binary": binary_blocks,
 }
 
 
@@ -544,6 +602,8 @@ def _width_preserving(spec: BlockSpec) -> bool:
         return p["cin"] == p["cout"] and p["stride"] == 1
     if spec.kind in ("grouped", "shared"):
         return p["cin"] == p["cout"]
+    if spec.kind == "binary":
+        return p["cin"] == p["width"]
     if spec.kind == "depthwise":
         return p["mult"] == 1 and p["stride"] == 1
     return spec.kind == "se"
@@ -575,7 +635,7 @@ def net_specs(draw, kinds: tuple = tuple(BLOCKS), max_blocks: int = MAX_BLOCKS):
         if reusable and draw(st.integers(0, 5)) == 0:
             blocks.append(block("reuse", of=draw(st.sampled_from(reusable))))
             continue
-        kind = draw(st.sampled_from(kinds))
+        kind = draw(st.sampled_from(kinds)) if width <= MAX_CONCAT_WIDTH else "conv"
         spec, width, size = draw(BLOCKS[kind](dims, width, size))
         blocks.append(spec)
     head = draw(heads(dims, width, size))
