@@ -7,10 +7,12 @@ does the mask oracle hold with ``exact_only=True`` (float32, tolerance 1e-4)?
 Runs every ``torchvision.models.list_models(module=torchvision.models)`` classification model and
 the six segmentation models (weights=None, batch 1). Each model is transformed twice: with the
 default policy (``Policy(ratio=0.5)``) and with ``exact_only=True``; the second is checked by
-``fxprune.verify``. Output shapes (and dict keys) must not change. Parameters that are all zero
-(ViT's head and class token) are redrawn from N(0, 0.02) first, so the oracle compares more than
-constants. ``--fast`` uses 64x64 inputs where the model allows it (ViT and MaxViT need 224,
-Inception-v3 at least 75). A failure or a timeout is a result, not a crash: rows are written to
+``fxprune.verify``. Output shapes (and dict keys) must not change. So that the oracle compares
+more than constants, parameters that are all zero (ViT's head and class token) are redrawn from
+N(0, 0.02) and BatchNorm statistics are set from one random batch; ``signal`` is how much the
+original's output moves between two random inputs (near 0: the oracle checks little).
+``--fast`` uses 64x64 inputs where the model allows it (ViT and MaxViT need 224, Inception-v3
+at least 75). A failure or a timeout is a result, not a crash: rows are written to
 the JSON as they finish. Prints a table (tabulate) and a summary line.
 """
 from __future__ import annotations
@@ -47,8 +49,9 @@ def input_size(name: str, size: int, fast: bool) -> int:
     return min(size, FAST_SIZE) if fast else size
 
 
-def build(name: str) -> torch.nn.Module:
-    """``name`` from torchvision, untrained, in eval mode, all-zero weight tensors redrawn."""
+def build(name: str, side: int | None = None) -> torch.nn.Module:
+    """``name`` from torchvision, untrained, in eval mode, all-zero weight tensors redrawn and,
+    given ``side``, BatchNorm statistics calibrated on one random batch."""
     torch.manual_seed(0)
     kwargs = {"weights": None}
     if name in ("inception_v3", "googlenet"):
@@ -60,7 +63,27 @@ def build(name: str) -> torch.nn.Module:
         for p in model.parameters():
             if p.dim() > 1 and not p.abs().max():
                 p.normal_(0, 0.02)
+    if side:
+        calibrate_bn(model, side)
     return model
+
+
+def calibrate_bn(model: torch.nn.Module, side: int) -> None:
+    """Set BatchNorm running statistics to those of one random batch of 2. Untrained nets with the
+    default statistics (mean 0, var 1) can let activations vanish with depth (GoogLeNet's output
+    is then its bias whatever the input, and the oracle compares constants)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: the batch's own statistics
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(2, 3, side, side))
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()
 
 
 class Timeout(Exception):
@@ -93,6 +116,23 @@ def structure(out):
     if isinstance(out, (list, tuple)):
         return [structure(v) for v in out]
     return type(out).__name__
+
+
+def leaves(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for k in sorted(out, key=str) for t in leaves(out[k])]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in leaves(v)]
+    return []
+
+
+def signal(a, b) -> float:
+    """max |f(x) - f(x')| / max |f(x)| over outputs: near 0, the output ignores the input and the
+    oracle checks little."""
+    la, lb = leaves(a), leaves(b)
+    return max(((u - v).abs().max() / u.abs().max().clamp_min(1e-30)).item() for u, v in zip(la, lb))
 
 
 def short(err: BaseException, width: int = 160) -> str:
@@ -140,34 +180,39 @@ def run_exact(model, x: tuple) -> dict:
     return row
 
 
-def measure(name: str, size: int, fast: bool) -> dict:
-    side = input_size(name, size, fast)
-    row = {"model": name, "kind": "segmentation" if name in SEGMENTATION else "classification",
-           "size": side, "transform_ok": False}
-    model = build(name)
+def measure(row: dict, size: int, fast: bool) -> None:
+    """Fill ``row`` as results come, so a timeout or a failure keeps what was measured."""
+    name = row["model"]
+    row["size"] = side = input_size(name, size, fast)
+    model = build(name, side)
     torch.manual_seed(1)
     x = (torch.randn(1, 3, side, side),)
     with torch.no_grad():
-        expected = structure(model(*x))
+        out = model(*x)
+        row["signal"] = signal(out, model(torch.randn_like(x[0])))
+    expected = structure(out)
+    del out
     try:
         row.update(run_default(model, x, expected))
         row["transform_ok"] = True
         gc.collect()
+        row["exact_stage"] = "running"
         row.update(run_exact(model, x))
+        del row["exact_stage"]
     finally:
         del model
         gc.collect()
-    return row
 
 
 def safe_measure(name: str, size: int, fast: bool, timeout: float) -> dict:
+    row = {"model": name, "kind": "segmentation" if name in SEGMENTATION else "classification",
+           "transform_ok": False}
     start = time.perf_counter()
     try:
         with time_limit(timeout):
-            row = measure(name, size, fast)
+            measure(row, size, fast)
     except Exception as err:  # a failure is a result of this benchmark, not a crash
-        row = {"model": name, "kind": "segmentation" if name in SEGMENTATION else "classification",
-               "transform_ok": False, "error": short(err)}
+        row["error" if not row.pop("exact_stage", None) else "exact_error"] = short(err)
     row["wall_s"] = round(time.perf_counter() - start, 2)
     gc.collect()
     return row
@@ -178,15 +223,16 @@ def _fmt(v) -> str:
         return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.2e}" if v and abs(v) < 1e-2 else f"{v:.3f}"
-    return "" if v is None else str(v)
+    text = "" if v is None else str(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def table(rows: list[dict]) -> str:
     keys = ["model", "size", "nodes", "groups", "exact", "approximate", "blocked", "params_ratio",
             "macs_ratio", "plan_s", "apply_s", "shape_ok", "exact_params_ratio", "oracle_error",
-            "oracle_ok", "error"]
+            "oracle_ok", "signal", "error", "exact_error"]
     heads = ["model", "size", "nodes", "groups", "exact", "approx", "blocked", "params", "MACs",
-             "plan s", "apply s", "shapes", "params (exact)", "oracle err", "oracle", "error"]
+             "plan s", "apply s", "shapes", "params (exact)", "oracle err", "oracle", "signal", "error", "exact_only error"]
     return tabulate([[_fmt(r.get(k)) for k in keys] for r in rows], headers=heads)
 
 

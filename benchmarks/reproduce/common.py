@@ -44,7 +44,7 @@ def subset(dataset: TensorDataset, n: int | None, seed: int = 0) -> TensorDatase
 
     Example:
         >>> ds = TensorDataset(torch.arange(10.0), torch.arange(10))
-        >>> len(subset(ds, 3)), subset(ds, 3)[0] == subset(ds, 3)[0]
+        >>> len(subset(ds, 3)), torch.equal(subset(ds, 3).tensors[1], subset(ds, 3, seed=0).tensors[1])
         (3, True)
     """
     x, y = dataset.tensors
@@ -77,30 +77,37 @@ def baseline(model_name: str, data_name: str, epochs: int, seed: int, splits: Sp
              tiny_if_absent: int | None = None) -> tuple[torch.nn.Module, str]:
     """The trained dense model and where it came from.
 
-    The cached checkpoint (``load_or_train``) is used when it matches; otherwise the model is
-    trained and cached, unless ``tiny_if_absent`` is given (fast/test mode): then a throw-away
+    The cached checkpoint is used when it was trained with these settings (the check
+    ``load_or_train`` makes); otherwise ``load_or_train`` trains and caches it, unless
+    ``tiny_if_absent`` is given (fast/test mode): then a throw-away
     baseline is trained for one epoch on that many training images and nothing is cached.
     """
     path = checkpoint_path(model_name, data_name, seed, cache_dir)
-    if tiny_if_absent is not None and not _matches(path, epochs, seed, RECIPES[model_name]):
+    shape, classes = tuple(splits.test.tensors[0].shape[1:]), int(splits.train.tensors[1].max()) + 1
+    saved = cached_checkpoint(path, epochs, seed, RECIPES[model_name])
+    if saved is not None:  # what load_or_train would load, without reading the data set again
+        model = build_model(model_name, shape, classes)
+        model.load_state_dict(saved["state_dict"])
+        return model.eval(), f"cached checkpoint {path.name} ({epochs} epochs, seed {seed})"
+    if tiny_if_absent is not None:
         torch.manual_seed(seed)
-        model = build_model(model_name, tuple(splits.test.tensors[0].shape[1:]),
-                            int(splits.train.tensors[1].max()) + 1)
+        model = build_model(model_name, shape, classes)
         recipe = RECIPES[model_name]
         train = DataLoader(subset(splits.train, tiny_if_absent, seed), batch_size=64, shuffle=True)
         finetune(model, train, epochs=1, lr=recipe["lr"], weight_decay=recipe["weight_decay"],
                  progress=False, seed=seed)
         return model.eval(), f"tiny: 1 epoch on {tiny_if_absent} training images (no cached checkpoint)"
-    how = "cached" if _matches(path, epochs, seed, RECIPES[model_name]) else "trained now"
     trained = load_or_train(model_name, data_name, epochs, seed, cifar_root=data_root, cache_dir=cache_dir)
-    return trained.model.eval(), f"{how} checkpoint {trained.checkpoint.name} ({epochs} epochs, seed {seed})"
+    return trained.model.eval(), f"trained now, cached as {trained.checkpoint.name} ({epochs} epochs, seed {seed})"
 
 
-def _matches(path: Path, epochs: int, seed: int, recipe: dict) -> bool:
+def cached_checkpoint(path: Path, epochs: int, seed: int, recipe: dict) -> dict | None:
+    """The cached checkpoint when it was trained with these settings (as load_or_train checks)."""
     if not path.is_file():
-        return False
+        return None
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    return (saved.get("epochs"), saved.get("seed"), saved.get("recipe")) == (epochs, seed, recipe)
+    settings = (saved.get("epochs"), saved.get("seed"), saved.get("recipe"))
+    return saved if settings == (epochs, seed, recipe) else None
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -56,12 +56,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--random-seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--calib", type=int, default=256, help="training images for sensitivity's calibration")
     ap.add_argument("--test-subset", type=int, default=None, help="evaluate on N test images (default: all 10000)")
-    ap.add_argument("--baseline-epochs", type=int, default=3, help="epochs of the dense LeNet-5 (3 = the cached one)")
+    ap.add_argument("--baseline-epochs", type=int, default=3,
+                    help="epochs of the dense LeNet-5 (3 = the cached one)")
     ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "criteria_lenet_mnist.json")
     ap.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--fast", action="store_true", help="tiny run for tests: scp + random, ratios 0.3 0.6, 500 test images")
+    ap.add_argument("--fast", action="store_true",
+                    help="tiny run for tests: scp + random, ratios 0.3 0.6, 500 test images")
     args = ap.parse_args(argv)
     if args.fast:
         args.criteria, args.ratios, args.random_seeds = ["scp", "random"], [0.3, 0.6], [0, 1]
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     headers = ["criterion"] + [f"{r:.0%}" for r in args.ratios]
     print(f"\nTest accuracy after removing a fraction of every hidden layer's channels "
           f"(no fine-tuning; unpruned {dense_acc:.4f}):")
-    print(tabulate(table, headers=headers, tablefmt="github"))
+    print(tabulate(table, headers=headers, tablefmt="github", disable_numparse=True))
     kept = {r["removed"]: (r["macs_kept"], r["params_kept"]) for r in records if r["method"] == args.criteria[0]}
     print("MACs / params kept: " + ", ".join(f"{r:.0%}: {m:.3f}/{p:.3f}" for r, (m, p) in sorted(kept.items())))
     print("Calibration: sensitivity only, one batch of %d MNIST training images; all others data-free." % args.calib)

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     headers, rows = table(records, args)
     print(f"\nTest accuracy ({len(test)} images; unpruned {dense_acc:.4f}); mean±std over {args.seeds} seed(s); "
           f"fine-tune: SGD lr {args.lr} cosine, {args.finetune_subset} training images per epoch:")
-    print(tabulate(rows, headers=headers, tablefmt="github"))
+    print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
     for item in skipped:
         print(f"skipped {item['method']} (budget {item['budget']}, seed {item['seed']}): {item['reason']}")
     if args.seeds < 2:
@@ -214,7 +214,7 @@ def table(records: list[dict], args) -> tuple[list[str], list[list]]:
         for method in methods:
             runs = [r for r in mine if r["method"] == method]
             cells = [_cell([_accs(r)[k] for r in runs]) for k in range(len(STAGES) + len(args.epochs))]
-            rows.append([budget, method, f"{mean_std([r['macs_kept'] for r in runs])[0]:.3f}",
+            rows.append([f"{budget:.2f}", method, f"{mean_std([r['macs_kept'] for r in runs])[0]:.3f}",
                          f"{mean_std([r['params_kept'] for r in runs])[0]:.3f}", *cells])
     return headers, rows
 

@@ -41,6 +41,8 @@ class TrainingPruner:
     used functionally); ``remove()`` and ``finalize()`` take them all off.
     """
 
+    placement = "exit"
+
     def __init__(self, model: nn.Module, policy: Policy, example_inputs: Any, *,
                  leaf_modules: Iterable = (), concrete_args: dict | None = None):
         if not isinstance(policy, Policy):
@@ -57,7 +59,7 @@ class TrainingPruner:
         self.keep = {g.id: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
         self.cost = CostModel(self.plan.traced, self.plan.groups, self.plan.analysis)
         self._modules = dict(self.plan.traced.named_modules())
-        self.sites = ChannelSites(self.plan, self.model, self.groups)
+        self.sites = ChannelSites(self.plan, self.model, self.groups, self.placement)
         self.steps = 0
         self.finalized: fx.GraphModule | None = None
 
@@ -128,6 +130,10 @@ class TrainingPruner:
         model again; masks are kept in ``keep``)."""
         self.sites.detach()
 
+    def hooks_attached(self) -> bool:
+        """True while any hook or parametrization of this pruner is on the model."""
+        return self.sites.attached
+
     # ----- the end ---------------------------------------------------------------------------
     def _before_finalize(self) -> None:
         """Subclasses fold what they must into the weights here (hooks still attached)."""
@@ -137,9 +143,14 @@ class TrainingPruner:
         ``fxprune.plan`` of the model whose groups lose exactly the masked channels, then
         ``fxprune.apply``. ``fxprune.verify(result).ok`` holds (the mask oracle on the final
         masks); ``result.meta["fxprune"]`` is the plan. The model itself is left dense and
-        hook-free."""
+        hook-free. Under torch.distributed the model's parameters and buffers are first broadcast
+        from rank 0 (DDP syncs buffers only at the start of a forward), so every rank returns the
+        same pruned model."""
         self._before_finalize()
         self.remove()
+        if distributed.is_distributed():  # buffers (BN statistics) last synced at the last forward
+            with torch.no_grad():
+                distributed.broadcast_([*self.model.parameters(), *self.model.buffers()])
         final = make_plan(self.model, analysis_policy(self.policy), self.example_inputs, **self._trace_kwargs)
         if [_signature(g) for g in final.groups] != [_signature(g) for g in self.plan.groups]:
             raise RuntimeError("the model's structure changed during training: its coupling groups differ")

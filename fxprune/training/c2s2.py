@@ -5,7 +5,9 @@ producers' norm (coupled producers share one gate). Phase 1 ("search") trains th
 task loss plus ``λ_l · ||g_l||₁ / C_l``; the gates are then binarised, ``b = 1[|g| > τ]`` (at least
 ``min_channels`` kept), ``g`` is folded into the norm (or into the producer when no norm follows),
 phase 2 ("finetune") trains with the binary gates, and the channels with ``b = 0`` are removed by
-``finalize()`` through ``fxprune.plan``/``apply``. With ``progressive`` the groups go through
+``finalize()`` through ``fxprune.plan``/``apply``. The binary gates act where the channels are
+read (as the masks of ``DynamicPruner``, without straight-through), so phase 2 trains exactly the
+network that ``finalize()`` returns. With ``progressive`` the groups go through
 search and finetune a few at a time, in topological order.
 
 The cost-aware mechanism: ``cost="loss"`` scales λ every ``adjust_every`` steps, by ``kappa_down``
@@ -29,7 +31,7 @@ from torch import nn
 from ..policy import Policy
 from . import distributed
 from .base import TrainingPruner
-from .sites import dense_tensor
+from .sites import ChannelSites, dense_tensor
 
 _COSTS = ("loss", "compute", "both", "none")
 
@@ -67,7 +69,7 @@ class C2S2Pruner(TrainingPruner):
         >>> opt = torch.optim.SGD([*model.parameters(), *pruner.parameters()], lr=0.1)
         >>> while pruner.phase != "done":
         ...     task = model(x).square().mean()
-        ...     opt.zero_grad(); (task + pruner.regularizer()).backward(); opt.step(); pruner.step(loss=task)
+        ...     opt.zero_grad(); (task + pruner.regularizer()).backward(); opt.step(); _ = pruner.step(loss=task)
         >>> pruned = pruner.finalize()
         >>> fxprune.verify(pruned).ok
         True
@@ -86,6 +88,7 @@ class C2S2Pruner(TrainingPruner):
         self.adjust_every, self.ce0 = max(int(adjust_every), 1), ce0
         self.search_steps, self.finetune_steps = int(search_steps), int(finetune_steps)
         self.enforce_budget = enforce_budget
+        self.gate_sites = ChannelSites(self.plan, self.model, self.groups, "affine")
         self.gates = nn.ParameterDict({str(g.id): nn.Parameter(torch.ones(g.size)) for g in self.groups})
         self.binary: dict[int, torch.Tensor] = {}
         self.magnitude: dict[int, torch.Tensor] = {}
@@ -122,12 +125,26 @@ class C2S2Pruner(TrainingPruner):
         return self.stages[self.stage] if self.stage < len(self.stages) else []
 
     def _factor(self, gid: int):
-        if gid in self.binary:
-            b = self.binary[gid]
-            return None if bool(b.all()) else (b.to(torch.float32), False)
-        if self.phase == "search" and gid in self.current_groups:
+        """Binary masks, where the channels are read (exact: the pruned model computes this)."""
+        b = self.binary.get(gid)
+        return None if b is None or bool(b.all()) else (b.to(torch.float32), False)
+
+    def _gate_factor(self, gid: int):
+        """Real-valued gates, after the producers' norm, while their group is searched."""
+        if self.phase == "search" and gid in self.current_groups and gid not in self.binary:
             return self.gates[str(gid)], False
         return None
+
+    def attach(self) -> None:
+        super().attach()
+        self.gate_sites.attach(self._gate_factor)
+
+    def remove(self) -> None:
+        super().remove()
+        self.gate_sites.detach()
+
+    def hooks_attached(self) -> bool:
+        return super().hooks_attached() or self.gate_sites.attached
 
     def regularizer(self) -> torch.Tensor:
         """``Σ_l λ·w_l·||g_l||₁ / C_l`` over the groups being searched (0-tensor otherwise)."""
@@ -225,7 +242,7 @@ class C2S2Pruner(TrainingPruner):
     def _fold(self, gid: int, gate: torch.Tensor) -> None:
         """Scale the rows of the parameters after which the gate acts (norm γ, β; or the producer's
         weight rows and bias) by the gate, so the model computes the same without it."""
-        for target, dim, site in self.sites.fold_targets(gid):
+        for target, dim, site in self.gate_sites.fold_targets(gid):
             tensor = dense_tensor(self.model, target)
             factor = gate.to(tensor.device, tensor.dtype)[site.channels.to(tensor.device)]
             shape = [1] * tensor.dim()

@@ -24,12 +24,14 @@ class DynamicPruner(TrainingPruner):
     policy's ``min_channels``/``round_to``/``ignore``. Residual-coupled channels are masked
     together. After step ``freeze_at`` the masks no longer change.
 
-    The forward pass uses the masked model; the backward pass reaches every weight
+    The forward pass computes the masked model; the backward pass reaches every weight
     (straight-through estimator), so masked filters keep learning and can come back. The mask
-    is applied to the output of the last affine module of each channel (the BatchNorm after a
-    conv, or the conv itself), so a masked channel is exactly zero in training and in eval mode.
-    This is done with forward hooks on the model (parametrizations for parameters used
-    functionally); ``finalize()`` and ``remove()`` take them all off.
+    is applied where a group's channels are read (forward pre-hooks on the consumers, see
+    ``fxprune.training.sites``), so every layer that reads a masked channel sees exactly zero, in
+    training and in eval mode, whatever its norm's bias or running statistics; norms inside the
+    group see the dense values. Groups that cannot be reached that way are masked at the output
+    of their last norm/conv, or through parametrizations for parameters used functionally.
+    ``finalize()`` and ``remove()`` take every hook and parametrization off again.
 
     Args:
         model, policy, example_inputs: as for ``fxprune.plan``.

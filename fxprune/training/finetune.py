@@ -78,7 +78,7 @@ def finetune(model: nn.Module, train_loader: Iterable[Batch], epochs: int = 1,
                 loss = loss + penalty
                 regularizer_sum += float(penalty.detach())
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch}, step {step}")
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

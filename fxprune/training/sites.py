@@ -1,28 +1,33 @@
 """Where a coupling group's channels can be switched off (masks) or scaled (gates) in a user's model.
 
-A group's channels are made by its producers and carried by its passengers (see
-``fxprune.coupling.groups``). A channel is truly off when the output of the *last* affine module
-on its path (the norm after a conv, or the conv itself when no norm follows) is zero, so the
-mask or gate of a group is applied there, by a forward hook on that module:
+A group's channels are made by its producers, carried by its passengers and member tensors, and
+read by its consumers (see ``fxprune.coupling.groups``). Two placements are offered, both with
+forward hooks on the user's modules:
 
-* the conv that feeds a BatchNorm of the same group is left alone, the BatchNorm's output is
-  masked, so the norm's statistics are those of the dense conv output and a masked channel's
-  conv weights still receive a gradient (the straight-through estimator of dynamic pruning);
-* parameters used functionally (``F.conv2d(x, self.weight)``) or owned by a module called at
-  several places cannot be reached by an output hook: they are masked or gated through
-  ``torch.nn.utils.parametrize`` on the parameter's channel rows instead.
+* ``"exit"`` (masks of dynamic pruning): the channels are scaled where they leave the group, at
+  the inputs of the modules that read them (forward pre-hooks on the consumers). Everything
+  inside the group stays dense: norms see the dense conv output, so their statistics stay
+  meaningful, and with the straight-through estimator the gradient reaches every producer,
+  norm and bias of a masked channel through the activations (a mask before a ReLU would stop
+  it: ``relu'(0) = 0``). A group whose channels leave through a function (not a module) or
+  through a module called at several places falls back to ``"affine"``.
+* ``"affine"`` (gates of C2S2): the output of the *last* affine module on the channel's path is
+  scaled (the BatchNorm after a conv; the conv itself when no norm follows), which equals
+  scaling that module's per-channel parameters, so gates fold exactly (``fold_targets``).
+  Parameters used functionally (``F.conv2d(x, self.weight)``) or owned by a module called at
+  several places are scaled through ``torch.nn.utils.parametrize`` on their channel rows.
 
-Scaling the output of an affine module (BatchNorm, LayerNorm, GroupNorm, conv, linear) by a
-per-channel factor equals scaling its per-channel parameters, which is how C2S2 folds its gates.
 ``ChannelSites.detach()`` takes every hook and parametrization off again.
 
 Example:
     >>> import fxprune, torch
-    >>> m = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+    ...                         torch.nn.Conv2d(4, 2, 1))
     >>> p = fxprune.plan(m, fxprune.Policy(ratio=0.0), (torch.randn(1, 1, 6, 6),))
-    >>> sites = ChannelSites(p, m, [p.groups[0]])
-    >>> sorted(sites.modules)   # the BatchNorm output, not the conv's
+    >>> sorted(ChannelSites(p, m, [p.groups[0]], placement="affine").modules)   # the norm, not the conv
     ['1']
+    >>> sorted(ChannelSites(p, m, [p.groups[0]], placement="exit").inputs)      # the reader
+    ['3']
 """
 from __future__ import annotations
 
@@ -120,9 +125,10 @@ class _ParamScale(nn.Module):
 
 
 class ChannelSites:
-    """Output hooks (and parametrizations where hooks cannot reach) that scale groups' channels.
+    """Hooks (and parametrizations where hooks cannot reach) that scale groups' channels.
 
-    ``modules``: ``{module name: [Site]}`` whose outputs are scaled; ``params``:
+    ``inputs``: ``{module name: [(argument index, Site)]}`` whose inputs are scaled ("exit"
+    placement); ``modules``: ``{module name: [Site]}`` whose outputs are scaled; ``params``:
     ``{parameter name: [Site]}`` scaled through a parametrization. ``attach(provider)`` installs
     them on ``model`` (``provider(group id) -> (factor[group.size], straight_through) | None``);
     ``detach()`` removes them all. ``fold_targets(gid)`` lists the parameter rows whose scaling
@@ -132,7 +138,7 @@ class ChannelSites:
         >>> import fxprune, torch
         >>> m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         >>> p = fxprune.plan(m, fxprune.Policy(ratio=0.0), (torch.randn(2, 3),))
-        >>> sites = ChannelSites(p, m, [p.groups[0]])
+        >>> sites = ChannelSites(p, m, [p.groups[0]], placement="affine")
         >>> sites.attach(lambda gid: (torch.tensor([1.0, 0.0, 1.0, 0.0]), True))
         >>> (m[0](torch.randn(5, 3))[:, 1] == 0).all().item()
         True
@@ -140,8 +146,11 @@ class ChannelSites:
         0
     """
 
-    def __init__(self, plan, model: nn.Module, groups: list):
+    def __init__(self, plan, model: nn.Module, groups: list, placement: str = "affine"):
+        if placement not in ("exit", "affine"):
+            raise ValueError(f"placement must be 'exit' or 'affine', got {placement!r}")
         self.model = unwrap(model)
+        self.inputs: dict[str, list[tuple[int, Site]]] = {}
         self.modules: dict[str, list[Site]] = {}
         self.params: dict[str, list[Site]] = {}
         self.param_dims: dict[str, int] = {}
@@ -154,8 +163,39 @@ class ChannelSites:
         for node in plan.traced.graph.nodes:
             if node.op == "call_module":
                 calls.setdefault(node.target, []).append(node)
+        nodes = {n.name: n for n in plan.traced.graph.nodes}
         for g in groups:
-            self._place(g, calls, traced_modules, real)
+            if placement == "affine" or not self._place_exits(g, calls, nodes):
+                self._place(g, calls, traced_modules, real)
+
+    def _place_exits(self, g, calls: dict, nodes: dict) -> bool:
+        """Pre-hook sites on every module that reads the group's channels (a consumer, even one
+        whose output is in the group again, or any module outside the group); False (nothing
+        placed) when some reader is not a module called once with the tensor as a positional
+        argument."""
+        members = {m.node: m for m in g.members}
+        readers = {pm.owner for pm in g.consumers}
+        weights = {pm.target for pm in g.consumers}
+        found: list[tuple[str, int, Site]] = []
+        for name, m in members.items():
+            node = nodes[name]
+            for user in node.users:
+                if user.op == "call_module" and user.target in readers:
+                    pass
+                elif user.name in members:
+                    if _functional_reader(user, weights):
+                        return False
+                    continue
+                elif user.op == "output" or _reads_metadata(user):
+                    continue
+                places = [i for i, a in enumerate(user.args) if a is node]
+                if user.op != "call_module" or len(calls[user.target]) > 1 or not places \
+                        or any(v is node for v in user.kwargs.values()):
+                    return False
+                found.extend((user.target, i, _site(g.id, m.dim, m.positions, m.channels)) for i in places)
+        for target, i, site in found:
+            self.inputs.setdefault(target, []).append((i, site))
+        return True
 
     def _place(self, g, calls: dict, traced_modules: dict, real: set) -> None:
         members = {m.node: m for m in g.members}
@@ -186,6 +226,12 @@ class ChannelSites:
             if pm.owner in fallback or any(s.gid == g.id for s in self.modules.get(pm.owner, ())):
                 self._fold.setdefault(g.id, []).append((pm.target, pm.dim, site))
 
+    def groups_placed(self) -> dict[int, str]:
+        """``{group id: "exit" | "affine"}``: where each group's channels are scaled."""
+        out = {s.gid: "affine" for sites in [*self.modules.values(), *self.params.values()] for s in sites}
+        out.update({s.gid: "exit" for sites in self.inputs.values() for _i, s in sites})
+        return out
+
     @property
     def attached(self) -> bool:
         return bool(self._handles or self._parametrized)
@@ -193,6 +239,12 @@ class ChannelSites:
     def attach(self, provider: Provider) -> None:
         """Install the hooks and parametrizations on the model (replacing any installed before)."""
         self.detach()
+        for name, entries in self.inputs.items():
+            by_arg: dict[tuple[int, int], list[Site]] = {}
+            for i, s in entries:
+                by_arg.setdefault((i, s.dim), []).append(s)
+            module = self.model.get_submodule(name)
+            self._handles.append(module.register_forward_pre_hook(_input_hook(by_arg, provider)))
         for name, sites in self.modules.items():
             by_dim: dict[int, list[Site]] = {}
             for s in sites:
@@ -218,6 +270,32 @@ class ChannelSites:
         """``(parameter name, dim, site)`` whose rows, scaled by the group's factor, reproduce the
         scaling of the group's outputs (norm weight and bias; conv/linear weight rows and bias)."""
         return list(self._fold.get(gid, []))
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    """``x.shape`` / ``x.size()`` / ``x.dim()``: reads no channel values."""
+    return (node.op == "call_function" and node.target is getattr) or \
+        (node.op == "call_method" and node.target in ("size", "dim"))
+
+
+def _functional_reader(node: fx.Node, weights: set) -> bool:
+    """A function call that contracts over the group's channels with one of its consumer weights."""
+    args = [*node.args, *node.kwargs.values()]
+    return node.op in ("call_function", "call_method") and any(
+        isinstance(a, fx.Node) and a.op == "get_attr" and a.target in weights for a in args)
+
+
+def _input_hook(by_arg: dict[tuple[int, int], list[Site]], provider: Provider):
+    def hook(module: nn.Module, args: tuple):
+        args = list(args)
+        for (i, dim), sites in by_arg.items():
+            x = args[i]
+            if isinstance(x, torch.Tensor):
+                got = _factor(sites, provider, x.shape[dim], x)
+                if got is not None:
+                    args[i] = scale(x, dim, *got)
+        return tuple(args)
+    return hook
 
 
 def _output_hook(by_dim: dict[int, list[Site]], provider: Provider):

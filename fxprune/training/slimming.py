@@ -34,7 +34,7 @@ class SlimmingRegularizer:
 
     Example:
         >>> m = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
-        >>> float(SlimmingRegularizer(m, weight=0.5)())   # 0.5 * (4 scales of 1)
+        >>> SlimmingRegularizer(m, weight=0.5)().item()   # 0.5 * (4 scales of 1)
         2.0
     """
 

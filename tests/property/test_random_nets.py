@@ -15,12 +15,15 @@ For every generated (network, policy):
 * planning twice gives the same plan (same removed channels in every group and node).
 
 Number of examples per property: ``FXPRUNE_HYPOTHESIS_EXAMPLES`` (default 25, the CI budget).
-Long run::
+Long run (about 0.3 s per example on one core)::
 
     FXPRUNE_HYPOTHESIS_EXAMPLES=1000 python -m pytest -q tests/property
 
-Examples are derandomized (the same ones on every run); a failure prints the ``NetSpec`` and the
-``Policy``, and ``netgen.build(spec)`` rebuilds that network exactly.
+Examples are derandomized (the same ones on every run). A failure prints the ``NetSpec`` and the
+``Policy`` as drawn, and ``netgen.build(spec)`` rebuilds that network exactly. Shrinking a failure
+to a smaller network costs minutes (every step is a full prune), so it is off unless
+``FXPRUNE_HYPOTHESIS_SHRINK=1``. Minimal reproducers of the bugs found so far are in
+``test_regressions.py``.
 """
 from __future__ import annotations
 
@@ -29,16 +32,19 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, Phase, given, note, settings
 
 import fxprune
 import netgen
 
 EXAMPLES = int(os.environ.get("FXPRUNE_HYPOTHESIS_EXAMPLES", "25"))
+SHRINK = os.environ.get("FXPRUNE_HYPOTHESIS_SHRINK", "") not in ("", "0")
 TOLERANCE = 1e-9
 
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=EXAMPLES, deadline=None, derandomize=True, print_blob=True,
+    phases=[Phase.explicit, Phase.generate] + ([Phase.shrink] if SHRINK else []),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,6 +7,7 @@ from fxprune.training import C2S2Pruner
 from fxprune.verify import relative_error
 from training_nets import batch, hook_count, tiny_resnet, train_steps
 
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 X = (batch(0, n=2)[0],)
 
 

@@ -12,6 +12,7 @@ from fxprune.verify import relative_error
 from training_nets import batch, hook_count, tiny_resnet, train_steps
 from zoo import build
 
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 X = (batch(0, n=2)[0],)
 
 
