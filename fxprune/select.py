@@ -125,7 +125,7 @@ def select(groups: list, scores: dict[int, torch.Tensor], policy: Policy, cost: 
     for g in eligible:
         g.removed = removal[g.id]
         _note_clamp(g, policy, chooser, summary)
-        _keep_every_member(g, scores[g.id])
+        _keep_every_member(g, scores[g.id], policy.round_to)
     if policy.budget is not None:
         summary["achieved"] = cost.fractions({g.id: g.removed for g in eligible})[summary["metric"]]
         summary["met"] = abs(summary["achieved"] - summary["target"]) <= 0.01
@@ -136,7 +136,7 @@ def _top_up(removal: dict, chooser: _Selector, cost: CostModel, metric: str, tar
             max_tries: int = 4000) -> dict:
     """After the search, remove single channels (``round_to`` at a time) by lowest normalised
     score while the budget still holds, so coarse steps do not leave it far from the target."""
-    policy, step = chooser.policy, chooser.policy.round_to or 1
+    policy, rt = chooser.policy, chooser.policy.round_to or 1
     removal = {gid: tuple(r) for gid, r in removal.items()}
     open_groups = {g.id: g for g in chooser.groups if g.id not in chooser.fixed}
     tries = 0
@@ -144,6 +144,7 @@ def _top_up(removal: dict, chooser: _Selector, cost: CostModel, metric: str, tar
         candidates = []
         for gid, g in list(open_groups.items()):
             gone = set(removal[gid])
+            step = (g.size - len(gone)) % rt or rt  # land on a multiple of round_to
             free = [c for c in range(g.size) if c not in g.pinned and c not in gone]
             floor = max(policy.min_channels, len(g.pinned))
             if len(free) < step or g.size - len(gone) - step < floor:
@@ -184,22 +185,35 @@ def _note_clamp(g, policy: Policy, chooser: _Selector, summary: dict) -> None:
         g.note = f"kept {g.kept} instead of {asked} ({', '.join(why) or 'rounding'})"
 
 
-def _keep_every_member(g, s: torch.Tensor) -> None:
+def _keep_every_member(g, s: torch.Tensor, round_to: int | None = None) -> None:
     """A member may carry only some of its group's channels (a split piece, one side of a
-    channel shuffle): if all of them were removed, keep its best one, so no tensor or weight
-    is left with zero channels."""
+    channel shuffle): if all of them were chosen, its best one stays and, where possible, the
+    weakest channel that no member needs goes instead, so the width asked for is kept; else the
+    group keeps more (rounded up to a multiple of ``round_to``) and says so in its note."""
     if not g.removed:
         return
     removed = set(g.removed)
     values = s.tolist()
+    sets = [set(m.channels) for m in [*g.members, *g.params]]
+    sets = [m for m in sets if len(m) < g.size]
     restored = []
-    for m in [*g.members, *g.params]:
-        channels = set(m.channels)
-        if len(channels) <= len(removed) and channels <= removed:
+    for channels in sets:
+        if channels <= removed:
             best = max(channels, key=lambda c: (values[c], -c))
             removed.discard(best)
             restored.append(best)
-    if restored:
-        g.removed = tuple(sorted(removed))
-        note = f"kept {len(restored)} more so that no tensor or weight is left empty"
+    extra = 0
+    for _ in restored:
+        spare = [c for c in range(g.size) if c not in removed and c not in g.pinned and c not in restored
+                 and not any(m <= removed | {c} for m in sets)]
+        if spare:
+            removed.add(min(spare, key=lambda c: (values[c], c)))
+        else:
+            extra += 1
+    while extra and round_to and (g.size - len(removed)) % round_to and removed:
+        removed.discard(max(removed, key=lambda c: (values[c], -c)))
+        extra += 1
+    if extra:
+        note = f"kept {extra} more so that no tensor or weight is left empty"
         g.note = f"{g.note}; {note}" if g.note else note
+    g.removed = tuple(sorted(removed))

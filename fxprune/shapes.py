@@ -68,10 +68,10 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple, fake: bool = True) -> A
         >>> [n.meta["fxprune"]["shape"] for n in gm.graph.nodes][-2]
         (1, 8, 6, 6)
     """
-    was_training = gm.training
+    modes = [(m, m.training) for m in gm.modules()]
     gm.eval()
     if fake and _fake_propagate(gm, example_inputs):
-        gm.train(was_training)
+        _restore(modes)
         return None
     try:
         with torch.no_grad():
@@ -83,7 +83,13 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple, fake: bool = True) -> A
             "  fix: pass example_inputs as a tuple of tensors the model accepts, e.g. (torch.randn(1, 3, 224, 224),)"
         ) from err
     finally:
-        gm.train(was_training)
+        _restore(modes)
+
+
+def _restore(modes: list) -> None:
+    """Put back every submodule's own train/eval flag (a model may mix them, e.g. frozen norms)."""
+    for module, training in modes:
+        module.training = training
 
 
 def shape(node: Any) -> Any:

@@ -88,7 +88,9 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable = (), concrete_args: di
         name = type(model).__name__
         gm = fx.GraphModule(tracer.root, graph, name)
     gm._tracer_cls = gm.graph._tracer_cls = None  # pickles of the result must not need fxprune
-    gm.train(model.training)
+    flags = {name: m.training for name, m in model.named_modules()}
+    for name, m in gm.named_modules():  # every submodule keeps the model's own flag (mixed modes too)
+        m.training = flags.get(name, model.training)
     return gm
 
 

@@ -117,5 +117,5 @@ def test_a_split_piece_never_loses_all_its_channels():
 
     pruned = fxprune.transform(model, fxprune.Policy(importance=second_half_first, ratio=0.5), inputs)
     g = pruned.meta["fxprune"].groups[0]
-    assert len(g.removed) == 5 and 6 not in g.removed
+    assert len(g.removed) == 6 and 6 not in g.removed  # the piece keeps one; another channel goes
     assert fxprune.verify(pruned).max_error < 1e-9

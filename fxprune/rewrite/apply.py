@@ -197,6 +197,5 @@ def apply(plan) -> fx.GraphModule:
     except Exception as err:
         raise StageError("rewrite", None, f"{type(err).__name__}: {err}") from err
     check_shapes(gm, plan, removed)
-    gm.train(plan.traced.training)
     gm.meta["fxprune"] = plan
     return gm

@@ -13,9 +13,9 @@ straight across an earlier concat; pieces concatenated back in any order, multip
 elementwise add/sub/mul of two branches, grouped and depthwise convolutions (channel multipliers
 included), squeeze-excitation gates, one module called twice (inside a block, or the same block
 reused later in the chain), flatten -> Linear heads in every spelling, and tuple or dict outputs
-of intermediate tensors. Conv1d and Conv2d
-networks are both generated. Networks are tiny (widths 2-12, spatial size 4-8, at most 6 blocks)
-so one example runs in a fraction of a second.
+of intermediate tensors. Conv1d and Conv2d networks are both generated, handed over in eval
+mode, training mode, or training mode with frozen (eval) BatchNorms. Networks are tiny (widths
+2-12, spatial size 4-8, at most 6 blocks) so one example runs in a fraction of a second.
 """
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ FLATTEN_SPELLINGS = ("torch.flatten", "method.flatten", "nn.Flatten", "view_size
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
-    """One block: ``kind`` and its parameters as sorted ``(name, value)`` pairs."""
+    """One block: ``kind`` and its parameters as sorted ``(name, value)`` pairs; its repr is the
+    ``block(...)`` call that makes it, so a printed ``NetSpec`` can be pasted back."""
 
     kind: str
     params: tuple
@@ -56,8 +57,8 @@ class BlockSpec:
         return dict(self.params)
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self.params)
-        return f"{self.kind}({inner})"
+        inner = "".join(f", {k}={v!r}" for k, v in self.params)
+        return f"block({self.kind!r}{inner})"
 
 
 def block(kind: str, /, **params: Any) -> BlockSpec:
@@ -146,7 +147,9 @@ class Residual(nn.Module):
         super().__init__()
         self.c1, self.b1 = CONV[dims](cin, mid, 3, stride, 1, bias=False), BN[dims](mid)
         self.c2, self.b2 = CONV[dims](mid, cout, 3, 1, 1, bias=False), BN[dims](cout)
-        self.proj = nn.Sequential(CONV[dims](cin, cout, 1, stride, bias=False), BN[dims](cout)) if proj else None
+        self.proj = None
+        if proj:
+            self.proj = nn.Sequential(CONV[dims](cin, cout, 1, stride, bias=False), BN[dims](cout))
         self.act, self.add = act, add
 
     def forward(self, x):
@@ -379,7 +382,8 @@ def _make_block(dims: int, spec: BlockSpec, made: list) -> nn.Module:
     p = spec.p
     k = spec.kind
     if k == "conv":
-        return ConvBnAct(dims, p["cin"], p["cout"], p["k"], p["stride"], p["bias"], p["bn"], p["act"], p["pool"])
+        return ConvBnAct(dims, p["cin"], p["cout"], p["k"], p["stride"], p["bias"], p["bn"], p["act"],
+                         p["pool"])
     if k == "residual":
         return Residual(dims, p["cin"], p["cout"], p["mid"], p["stride"], p["proj"], p["act"], p["add"])
     if k == "concat":
@@ -467,7 +471,9 @@ def conv_blocks(draw, dims: int, cin: int, spatial: int):
     pool = draw(st.sampled_from(["max", "avg"])) if shrink and stride == 1 else "none"
     spec = block("conv", cin=cin, cout=cout, k=k, stride=stride, bias=draw(st.booleans()),
                  bn=draw(st.booleans()), act=draw(acts), pool=pool)
-    return spec, cout, _down(spatial, stride) if stride == 2 else (spatial // 2 if pool != "none" else spatial)
+    if stride == 2:
+        return spec, cout, _down(spatial, stride)
+    return spec, cout, spatial // 2 if pool != "none" else spatial
 
 
 @st.composite

@@ -1,7 +1,7 @@
 """Minimal reproducers of core bugs found by the random-network property tests.
 
-Each test states the correct behaviour and is marked ``xfail(strict=True)`` until the core is
-fixed: once it passes, pytest reports XPASS as a failure, and the marker is to be removed.
+Each test states the correct behaviour; they were found by the random-network properties and
+now guard the fixes.
 """
 from __future__ import annotations
 
@@ -44,11 +44,6 @@ class SplitPieces(nn.Module):
         return self.head(torch.cat([q, p], 1))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "select._keep_every_member restores the best channel of a split piece whose channels were all "
-    "chosen for removal, after rounding: the group keeps 5 of 6 channels under round_to=2 "
-    "(note 'kept 1 more so that no tensor or weight is left empty'); Policy.round_to promises a "
-    "multiple of round_to"))
 def test_restoring_a_split_piece_keeps_round_to():
     model = SplitPieces().double().eval()
     with torch.no_grad():  # channel 0 (the lone piece) has the lowest L1 norm
@@ -73,10 +68,6 @@ class TwoBranches(nn.Module):
         return self.head(torch.cat([torch.relu(self.big(x)), torch.relu(self.small(x))], 1))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "select._top_up removes round_to channels at a time from the width the search left; when "
-    "that width is the full, non-multiple group size (3 channels, round_to=2: rounding up "
-    "gives 4 > 3, so nothing was cut) the top-up leaves 1 channel, not a multiple of round_to"))
 def test_budget_top_up_keeps_round_to():
     model = TwoBranches().double().eval()
     _ramp(model.big)
@@ -89,11 +80,6 @@ def test_budget_top_up_keeps_round_to():
             assert g.kept % 2 == 0, f"{g.name}: kept {g.kept} of {g.size} with round_to=2"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "trace.trace calls gm.train(model.training), which sets every submodule of the traced copy to "
-    "the top-level flag: a model in training mode with frozen (eval) BatchNorms comes back with "
-    "BatchNorms in training mode, so even at ratio 0 the pruned model computes something else "
-    "in the model's own mode (the oracle, run in eval mode, does not see it)"))
 def test_pruned_model_keeps_each_submodules_train_eval_flag():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
