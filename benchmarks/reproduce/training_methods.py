@@ -2,7 +2,8 @@
 
 Every method starts from the same dense ResNet-20 (the cached seed-0 checkpoint of
 ``train_baselines.load_or_train``, 4 epochs) and gets the same number of training epochs
-(``--epochs``; SGD momentum 0.9, weight decay 5e-4, cosine from ``--lr`` to 0, batch 128):
+(``--epochs``, each of ``--epoch-images`` random training images, default all 60000; SGD
+momentum 0.9, weight decay 5e-4, cosine from ``--lr`` to 0, batch 128):
 
 * ``dense``: the unpruned model trained the same epochs (MACs kept 1.0);
 * ``l1+ft``: one-shot ``Policy("l1", flops=b, scope="global")``, then fine-tuned all epochs;
@@ -41,7 +42,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from tabulate import tabulate
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -68,6 +69,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--subset", type=int, default=None,
                     help="N training and N test images (a fast run; the dense model is then a throw-away "
                          "one trained 1 epoch on the subset unless the cached checkpoint exists)")
+    ap.add_argument("--epoch-images", type=int, default=None,
+                    help="training images drawn per epoch (default: the whole training set)")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--every", type=int, default=16, help="dynamic pruning: steps between mask updates")
@@ -87,8 +90,12 @@ class Run:
 
     def __init__(self, args, train, seed: int):
         self.args, self.seed = args, seed
-        self.loader = DataLoader(train, batch_size=args.batch_size, shuffle=True,
-                                 generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        if args.epoch_images and args.epoch_images < len(train):  # each epoch: a fresh random draw
+            sampler = RandomSampler(train, num_samples=args.epoch_images, generator=generator)
+            self.loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler)
+        else:
+            self.loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=generator)
         self.total = max(1, int(round(args.epochs * len(self.loader))))
 
     def optimizer(self, params, gates=()) -> torch.optim.Optimizer:
@@ -149,7 +156,7 @@ def run_dynamic(run: Run, dense, example, budget, alpha):
 def run_c2s2(run: Run, dense, example, budget, alpha):
     model = copy.deepcopy(dense)
     half = max(1, run.total // 2)
-    pruner = C2S2Pruner(model, policy(budget, normalize="none"), example, lam=run.args.c2s2_lambda,
+    pruner = C2S2Pruner(model, policy(budget), example, lam=run.args.c2s2_lambda,
                         cost="both", search_steps=half, finetune_steps=max(1, run.total - half))
     opt = run.optimizer(model.parameters(), gates=list(pruner.parameters()))
     run.train(model, run.total, opt=opt, regularizer=pruner.regularizer, after=lambda loss: pruner.step(loss=loss))
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
                              cache_dir=args.cache_dir, tiny_if_absent=args.subset)
     example = (test.tensors[0][:2],)
     dense_macs, _ = measure(dense, example[0])
-    settings = {"epochs": args.epochs, "subset": args.subset, "data": args.data, "lr": args.lr,
+    settings = {"epochs": args.epochs, "subset": args.subset, "epoch_images": args.epoch_images, "data": args.data, "lr": args.lr,
                 "every": args.every, "c2s2_lambda": args.c2s2_lambda, "slim_weight": args.slim_weight}
     payload = {"settings": settings, "dense_model": origin, "dense_accuracy": accuracy(dense, test),
                "records": []}
@@ -253,7 +260,10 @@ def plot(records: list[dict], path: Path) -> Path:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = summarise(records)
-    for name in dict.fromkeys(r["label"] for r in rows):
+    for r in rows:
+        if r["method"] == "dense":
+            ax.axhline(100 * r["accuracy"], color="k", linestyle="--", linewidth=1, label="dense (MACs 1.0)")
+    for name in dict.fromkeys(r["label"] for r in rows if r["method"] != "dense"):
         pts = sorted((r["macs"], r["accuracy"], r["std"]) for r in rows if r["label"] == name)
         ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
                     marker="o", capsize=3, label=name, linestyle="-" if len(pts) > 1 else "none")

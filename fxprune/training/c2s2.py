@@ -7,15 +7,16 @@ task loss plus ``λ_l · ||g_l||₁ / C_l``; the gates are then binarised, ``b =
 phase 2 ("finetune") trains with the binary gates, and the channels with ``b = 0`` are removed by
 ``finalize()`` through ``fxprune.plan``/``apply``. The binary gates act where the channels are
 read (as the masks of ``DynamicPruner``, without straight-through), so phase 2 trains exactly the
-network that ``finalize()`` returns. With ``progressive`` the groups go through
-search and finetune a few at a time, in topological order.
+network that ``finalize()`` returns. With ``progressive`` the groups go through search and
+finetune a few at a time, in topological order.
 
 The cost-aware mechanism: ``cost="loss"`` scales λ every ``adjust_every`` steps, by ``kappa_down``
 when the task loss of the window exceeds ``(1 + delta)`` times the first window's (``ce0``), by
 ``kappa_up`` otherwise; ``cost="compute"`` weights each group's λ by its share of the MACs and
 ends the search as soon as binarising would meet the policy's ``flops=``/``params=`` target;
-``"both"`` does both. With a budget, the end of the last stage removes further channels by lowest
-``|g|`` until the budget holds (``enforce_budget``).
+``"both"`` does both. With a budget, the end of the last search (before its phase 2) removes
+further channels by lowest ``|g|``, ranked as the policy says, until the budget holds
+(``enforce_budget``). The gates live outside the model (``pruner.parameters()``).
 
 The defaults marked [I] in METHODS.md are inferred, not the paper's: λ₀ 1e-3, δ 0.01, κ↓ 0.5,
 κ↑ 1.1, τ 1e-2.
@@ -175,10 +176,12 @@ class C2S2Pruner(TrainingPruner):
         """End the current phase now (search -> binarise -> finetune -> next stage or done)."""
         if self.phase == "search":
             self._binarize(self.current_groups)
+            if self.stage == len(self.stages) - 1 or self._budget_met():
+                self._enforce()  # before the last phase 2, so it fine-tunes what the budget removed
             self.phase = "finetune" if self.finetune_steps > 0 else self._next_stage()
         elif self.phase == "finetune":
             self.phase = self._next_stage()
-        self.phase_steps = 0
+        self.phase_steps, self.target_reached = 0, False
         self._set_trainable()
         return self.phase
 
@@ -260,16 +263,16 @@ class C2S2Pruner(TrainingPruner):
             self._kept(self.keep) <= budget[1] + 1e-12
 
     def _enforce(self) -> None:
-        """With a budget not yet met: remove more channels, lowest recorded ``|g|`` first (channels
-        already removed rank below all others, so they stay removed)."""
+        """With a budget not yet met: remove more channels, lowest recorded ``|g|`` first, ranked as
+        the policy says (scope, normalize); channels already removed score 0, so they stay removed."""
         budget = self.policy.budget
         if not self.enforce_budget or budget is None or self._kept(self.keep) <= budget[1] + 1e-12:
             return
         scores = {}
         for g in self.groups:
             mag = self.magnitude.get(g.id, torch.ones(g.size, dtype=torch.float64)).clone()
-            mag[~self.keep[g.id]] = -1.0
-            scores[g.id] = mag - mag.min() if self.policy.normalize in ("mean", "max", "lamp") else mag
+            mag[~self.keep[g.id]] = 0.0
+            scores[g.id] = mag
         for gid, k in self.choose(scores).items():
             both = k & self.keep[gid]
             if gid in self.binary or not bool(both.all()):

@@ -92,14 +92,17 @@ def test_compute_aware_weights_and_early_stop():
     pruner.remove()
 
 
-def test_budget_enforced_at_the_end():
+def test_budget_enforced_before_the_last_finetune():
     model = tiny_resnet()
-    pruner = C2S2Pruner(model, fxprune.Policy(flops=0.5, scope="global", normalize="none"), X, search_steps=1)
+    pruner = C2S2Pruner(model, fxprune.Policy(flops=0.5, scope="global", normalize="none"), X, search_steps=1,
+                        finetune_steps=2)
     torch.manual_seed(0)
     set_gates(pruner, lambda gid, g: 0.5 + torch.rand(g.numel()))   # nothing below tau
     pruner.step()
-    assert pruner.phase == "done"
+    assert pruner.phase == "finetune"                                 # phase 2 trains the budgeted net
     assert pruner.macs_kept() == pytest.approx(0.5, abs=0.02)
+    pruner.step(), pruner.step()
+    assert pruner.phase == "done"
     pruned = pruner.finalize()
     assert fxprune.verify(pruned).ok
 

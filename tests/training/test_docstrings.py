@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ["sites", "decorrelation", "dynamic", "c2s2", "slimming", "distributed"]
+MODULES = ["sites", "decorrelation", "dynamic", "c2s2", "slimming", "distributed", "ddp_demo"]
 
 
 @pytest.mark.parametrize("name", MODULES)
