@@ -2,7 +2,7 @@
 
     pip install torch-pruning   # optional benchmark dependency
     python benchmarks/compare_torch_pruning.py [--models resnet50 densenet121] [--size 224]
-                                               [--repeats 3] [--timeout 300]
+                                               [--repeats 3] [--timeout 300] [--max-rss-gb 16]
 
 Torch-Pruning: ``MetaPruner`` with ``MagnitudeImportance(p=1)``, ``pruning_ratio=0.5``,
 ``global_pruning=False``, the final classifier ignored (every Linear/Conv whose output width is
@@ -11,7 +11,9 @@ the step, as in Torch-Pruning's own torchvision example. It covers a model when 
 finishes, parameters drop and the pruned model runs with the same output shapes. Its time is the
 DependencyGraph build (inside ``MetaPruner``) plus ``pruner.step()``, on a deepcopy made outside
 the clock. fxprune's time is ``fxprune.plan`` + ``fxprune.apply`` (``Policy(ratio=0.5)``).
-Repeats alternate between the two; the best of each is kept; ratio = fxprune / Torch-Pruning.
+Every prune runs in a forked worker (killed past ``--timeout`` s or ``--max-rss-gb``), the model
+built once in the parent; repeats alternate between the tools and the best of each is kept;
+ratio = fxprune / Torch-Pruning.
 Prints a table and writes benchmarks/results/compare_torch_pruning.json (rows as they finish).
 """
 from __future__ import annotations
@@ -100,23 +102,23 @@ def fx_once(model: torch.nn.Module, x: torch.Tensor, expected) -> dict:
             "params_ratio": _params(pruned) / _params(model), "shape_ok": shapes == expected["shapes"]}
 
 
-def _attempt(tool: str, fn, model, x, expected, timeout: float, best: dict) -> bool:
-    """Run one repeat of ``tool``; keep the fastest result in ``best``; False on failure."""
-    try:
-        with cov.time_limit(timeout), warnings.catch_warnings():
+def _attempt(tool: str, fn, model, x, expected, limits: tuple, best: dict) -> bool:
+    """One repeat of ``tool`` in a forked worker (a hang or a memory blow-up of Torch-Pruning on
+    Swin kills only the worker); the fastest result stays in ``best``. False on failure."""
+    def target(send):
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = fn(model, x, expected)
-    except Exception as err:  # a failure is a result of this benchmark, not a crash
-        best[tool] = {"error": cov.short(err)}
+            send(fn(model, x, expected))
+    result, error = cov.run_isolated(target, (), *limits)
+    if error or result is None:
+        best[tool] = {"error": error or "no result"}
         return False
-    finally:
-        gc.collect()
     if tool not in best or result["s"] < best[tool]["s"]:
         best[tool] = result
     return True
 
 
-def measure(name: str, size: int, repeats: int, timeout: float) -> dict:
+def measure(name: str, size: int, repeats: int, limits: tuple) -> dict:
     model = cov.build(name)
     torch.manual_seed(1)
     side = cov.input_size(name, size, fast=False)
@@ -128,7 +130,7 @@ def measure(name: str, size: int, repeats: int, timeout: float) -> dict:
     best, alive = {}, {"tp": tp_once, "fx": fx_once}
     for _ in range(repeats):  # alternate, so that load on the machine hits both alike
         for tool, fn in list(alive.items()):
-            if not _attempt(tool, fn, model, x, expected, timeout, best):
+            if not _attempt(tool, fn, model, x, expected, limits, best):
                 del alive[tool]
     del model
     gc.collect()
@@ -186,6 +188,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224, help="input side for both tools")
     ap.add_argument("--repeats", type=int, default=3, help="best of N, alternating the tools")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per prune (0: none)")
+    ap.add_argument("--max-rss-gb", type=float, default=16, help="memory cap per prune (0: none)")
     ap.add_argument("--json", default=OUT)
     args = ap.parse_args()
     import torch_pruning  # noqa: F401  (fail early: pip install torch-pruning)
@@ -193,7 +196,7 @@ def main() -> None:
     rows = []
     for name in tqdm(args.models, desc="compare", unit="model"):
         try:
-            rows.append(measure(name, args.size, args.repeats, args.timeout))
+            rows.append(measure(name, args.size, args.repeats, (args.timeout, args.max_rss_gb)))
         except Exception as err:  # building or running the original failed
             rows.append({"model": name, "tp_ok": False, "fx_ok": False, "tp": {},
                          "fx": {"error": cov.short(err)}})

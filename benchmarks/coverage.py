@@ -1,28 +1,26 @@
 """Coverage of torchvision's models at ratio 0.5: does the transform succeed, what is pruned, and
 does the mask oracle hold with ``exact_only=True`` (float32, tolerance 1e-4)?
 
-    python benchmarks/coverage.py [--models resnet50 swin_t fcn_resnet50] [--size 224] [--fast]
-                                  [--timeout 900] [--json benchmarks/results/coverage.json]
+    python benchmarks/coverage.py [--models resnet50 fcn_resnet50] [--size 224] [--fast]
+                                  [--timeout 900] [--max-rss-gb 16] [--json PATH]
 
-Runs every ``torchvision.models.list_models(module=torchvision.models)`` classification model and
-the six segmentation models (weights=None, batch 1). Each model is transformed twice: with the
-default policy (``Policy(ratio=0.5)``) and with ``exact_only=True``; the second is checked by
-``fxprune.verify``. Output shapes (and dict keys) must not change. So that the oracle compares
-more than constants, parameters that are all zero (ViT's head and class token) are redrawn from
-N(0, 0.02) and BatchNorm statistics are set from one random batch; ``signal`` is how much the
-original's output moves between two random inputs (near 0: the oracle checks little).
-``--fast`` uses 64x64 inputs where the model allows it (ViT and MaxViT need 224, Inception-v3
-at least 75). A failure or a timeout is a result, not a crash: rows are written to
-the JSON as they finish. Prints a table (tabulate) and a summary line.
+All 80 ``torchvision.models.list_models(module=torchvision.models)`` and the 6 segmentation models
+(weights=None, batch 1), each transformed with ``Policy(ratio=0.5)`` (output shapes and dict keys
+must not change) and with ``exact_only=True`` (checked by ``fxprune.verify``). All-zero weights
+(ViT's head) are redrawn and BatchNorm statistics set from one random batch, so that the oracle
+compares more than constants; ``signal`` is how much the original's output moves between two
+random inputs. ``--fast``: 64x64 inputs where the model allows (ViT/MaxViT need 224, Inception-v3
+96). Each model runs in a forked worker, killed past ``--timeout`` s or ``--max-rss-gb``: a
+failure is a row, not a crash. Rows go to the JSON (benchmarks/results/coverage.json) as they
+finish; a table (tabulate) and a summary line are printed at the end.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
+import multiprocessing
 import os
-import signal
 import time
 
 import torch
@@ -86,25 +84,54 @@ def calibrate_bn(model: torch.nn.Module, side: int) -> None:
     model.eval()
 
 
-class Timeout(Exception):
-    pass
+def run_isolated(target, args: tuple, timeout: float, max_rss_gb: float) -> tuple:
+    """``target(send, *args)`` in a forked worker that sends dicts: ``(last dict sent, error)``. It
+    is killed past ``timeout`` s or ``max_rss_gb`` GB resident (0: no limit): a hang costs a row."""
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_worker, args=(send, target, args), daemon=True)
+    proc.start()
+    send.close()
+    last, error = None, None
+    deadline = time.monotonic() + timeout if timeout else float("inf")
+    while error is None:
+        if receive.poll(0.2):
+            try:
+                msg = receive.recv()
+            except EOFError:
+                msg = {"_done": "worker ended without a result"}
+            if "_done" in msg:
+                error = msg["_done"]
+                break
+            last = msg
+        elif not proc.is_alive() and not receive.poll():
+            error = f"worker ended without a result (exit code {proc.exitcode})"
+        elif max_rss_gb and _rss_gb(proc.pid) > max_rss_gb:
+            error = f"killed: over {max_rss_gb:g} GB of memory"
+        elif time.monotonic() > deadline:
+            error = f"killed: no result within {timeout:g} s"
+    if proc.is_alive():
+        proc.kill()
+    proc.join()
+    return last, error
 
 
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """Raise ``Timeout`` in the main thread after ``seconds`` (0: no limit)."""
-    def _raise(signum, frame):
-        raise Timeout(f"no result within {seconds:g} s")
-    if not seconds or not hasattr(signal, "SIGALRM"):
-        yield
-        return
-    previous = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+def _worker(send, target, args) -> None:
     try:
-        yield
+        target(send.send, *args)
+        send.send({"_done": None})
+    except BaseException as err:  # reported to the parent as this row's error
+        send.send({"_done": short(err)})
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        send.close()
+
+
+def _rss_gb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0) / 2**20
+    except OSError:
+        return 0.0
 
 
 def structure(out):
@@ -129,8 +156,7 @@ def leaves(out) -> list[torch.Tensor]:
 
 
 def signal(a, b) -> float:
-    """max |f(x) - f(x')| / max |f(x)| over outputs: near 0, the output ignores the input and the
-    oracle checks little."""
+    """max |f(x) - f(x')| / max |f(x)| over outputs (near 0: the oracle checks little)."""
     la, lb = leaves(a), leaves(b)
     return max(((u - v).abs().max() / u.abs().max().clamp_min(1e-30)).item() for u, v in zip(la, lb))
 
@@ -164,7 +190,6 @@ def run_default(model, x: tuple, expected) -> dict:
     row = {"nodes": len(plan.traced.graph.nodes), **group_counts(plan), **ratios(plan, pruned),
            "plan_s": sum(v for k, v in plan.timings.items() if k != "rewrite"),
            "apply_s": plan.timings.get("rewrite", 0.0), "stages_s": stages, "shape_ok": got == expected}
-    del pruned, plan
     return row
 
 
@@ -176,13 +201,16 @@ def run_exact(model, x: tuple) -> dict:
     r = ratios(plan, pruned)
     row = {"exact_params_ratio": r["params_ratio"], "exact_macs_ratio": r["macs_ratio"],
            "oracle_error": check.max_error, "oracle_ok": bool(check.ok)}
-    del pruned, plan
     return row
 
 
-def measure(row: dict, size: int, fast: bool) -> None:
-    """Fill ``row`` as results come, so a timeout or a failure keeps what was measured."""
-    name = row["model"]
+def kind(name: str) -> str:
+    return "segmentation" if name in SEGMENTATION else "classification"
+
+
+def measure(send, name: str, size: int, fast: bool) -> None:
+    """Runs in the worker; sends the row after each run, so a kill keeps what was measured."""
+    row = {"model": name, "kind": kind(name), "transform_ok": False}
     row["size"] = side = input_size(name, size, fast)
     model = build(name, side)
     torch.manual_seed(1)
@@ -191,30 +219,25 @@ def measure(row: dict, size: int, fast: bool) -> None:
         out = model(*x)
         row["signal"] = signal(out, model(torch.randn_like(x[0])))
     expected = structure(out)
-    del out
+    stage = "error"
     try:
         row.update(run_default(model, x, expected))
-        row["transform_ok"] = True
+        row["transform_ok"], stage = True, "exact_error"
+        send(row)
         gc.collect()
-        row["exact_stage"] = "running"
         row.update(run_exact(model, x))
-        del row["exact_stage"]
-    finally:
-        del model
-        gc.collect()
-
-
-def safe_measure(name: str, size: int, fast: bool, timeout: float) -> dict:
-    row = {"model": name, "kind": "segmentation" if name in SEGMENTATION else "classification",
-           "transform_ok": False}
-    start = time.perf_counter()
-    try:
-        with time_limit(timeout):
-            measure(row, size, fast)
     except Exception as err:  # a failure is a result of this benchmark, not a crash
-        row["error" if not row.pop("exact_stage", None) else "exact_error"] = short(err)
+        row[stage] = short(err)
+    send(row)
+
+
+def safe_measure(name: str, size: int, fast: bool, timeout: float, max_rss_gb: float) -> dict:
+    start = time.perf_counter()
+    row, error = run_isolated(measure, (name, size, fast), timeout, max_rss_gb)
+    row = row or {"model": name, "kind": kind(name), "transform_ok": False}
+    if error:
+        row["exact_error" if row["transform_ok"] else "error"] = error
     row["wall_s"] = round(time.perf_counter() - start, 2)
-    gc.collect()
     return row
 
 
@@ -223,17 +246,19 @@ def _fmt(v) -> str:
         return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.2e}" if v and abs(v) < 1e-2 else f"{v:.3f}"
-    text = "" if v is None else str(v)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return "" if v is None else str(v)[:60]
+
+
+COLUMNS = [("model", "model"), ("size", "size"), ("nodes", "nodes"), ("groups", "groups"),
+           ("exact", "exact"), ("approximate", "approx"), ("blocked", "blocked"),
+           ("params_ratio", "params"), ("macs_ratio", "MACs"), ("plan_s", "plan s"),
+           ("apply_s", "apply s"), ("shape_ok", "shapes"), ("exact_params_ratio", "params (exact)"),
+           ("oracle_error", "oracle err"), ("oracle_ok", "oracle"), ("signal", "signal"),
+           ("error", "error"), ("exact_error", "exact_only error")]
 
 
 def table(rows: list[dict]) -> str:
-    keys = ["model", "size", "nodes", "groups", "exact", "approximate", "blocked", "params_ratio",
-            "macs_ratio", "plan_s", "apply_s", "shape_ok", "exact_params_ratio", "oracle_error",
-            "oracle_ok", "signal", "error", "exact_error"]
-    heads = ["model", "size", "nodes", "groups", "exact", "approx", "blocked", "params", "MACs",
-             "plan s", "apply s", "shapes", "params (exact)", "oracle err", "oracle", "signal", "error", "exact_only error"]
-    return tabulate([[_fmt(r.get(k)) for k in keys] for r in rows], headers=heads)
+    return tabulate([[_fmt(r.get(k)) for k, _ in COLUMNS] for r in rows], headers=[h for _, h in COLUMNS])
 
 
 def summary(rows: list[dict]) -> str:
@@ -250,18 +275,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=CLASSIFICATION + SEGMENTATION)
     ap.add_argument("--size", type=int, default=224, help="input side (segmentation: at most 224)")
-    ap.add_argument("--fast", action="store_true", help=f"{FAST_SIZE}x{FAST_SIZE} inputs where the model allows")
+    ap.add_argument("--fast", action="store_true", help=f"{FAST_SIZE}x{FAST_SIZE} inputs where possible")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per model (0: none)")
+    ap.add_argument("--max-rss-gb", type=float, default=16, help="memory cap per model (0: none)")
     ap.add_argument("--json", default=OUT)
     args = ap.parse_args()
-    unknown = set(args.models) - set(CLASSIFICATION + SEGMENTATION)
-    if unknown:
-        ap.error(f"unknown models: {sorted(unknown)}")
+    if set(args.models) - set(CLASSIFICATION + SEGMENTATION):
+        ap.error(f"unknown models: {sorted(set(args.models) - set(CLASSIFICATION + SEGMENTATION))}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     rows = []
     for name in tqdm(args.models, desc="coverage", unit="model"):
         size = min(args.size, 224) if name in SEGMENTATION else args.size
-        rows.append(safe_measure(name, size, args.fast, args.timeout))
+        rows.append(safe_measure(name, size, args.fast, args.timeout, args.max_rss_gb))
         with open(args.json, "w") as f:
             json.dump({"ratio": 0.5, "size": args.size, "fast": args.fast, "torch": torch.__version__,
                        "torchvision": torchvision.__version__, "rows": rows}, f, indent=1)
