@@ -18,3 +18,12 @@ def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
     assert before["state"].keys() == after["state"].keys()
     for k, v in before["state"].items():
         assert torch.equal(v, after["state"][k]), f"{k} changed"
+
+
+def output_shapes(out):
+    """The structure of a model output with every tensor replaced by its shape."""
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, dict):
+        return {k: output_shapes(v) for k, v in out.items()}
+    return tuple(output_shapes(v) for v in out) if isinstance(out, (tuple, list)) else out

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fxprune
-from model_state import assert_unchanged, snapshot
+from model_state import assert_unchanged, output_shapes as _shapes, snapshot
 from zoo import ZOO, build
 
 POLICIES = [
@@ -13,14 +13,6 @@ POLICIES = [
     fxprune.Policy(ratio=0.5, round_to=4),
     fxprune.Policy(ratio=1.0, min_channels=2),
 ]
-
-
-def _shapes(out):
-    if isinstance(out, torch.Tensor):
-        return tuple(out.shape)
-    if isinstance(out, dict):
-        return {k: _shapes(v) for k, v in out.items()}
-    return tuple(_shapes(v) for v in out) if isinstance(out, (tuple, list)) else out
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"r{p.ratio}-{p.importance}-rt{p.round_to}")

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torchvision
 
 import fxprune
-from model_state import assert_unchanged, snapshot
+from model_state import assert_unchanged, output_shapes as _shapes, snapshot
 from zoo_conv import APPROXIMATE, EXACT, build
 
 POLICIES = [
@@ -18,14 +18,6 @@ POLICIES = [
     fxprune.Policy(ratio=0.5, round_to=2),
     fxprune.Policy(ratio=1.0, min_channels=2),
 ]
-
-
-def _shapes(out):
-    if isinstance(out, torch.Tensor):
-        return tuple(out.shape)
-    if isinstance(out, dict):
-        return {k: _shapes(v) for k, v in out.items()}
-    return tuple(_shapes(v) for v in out) if isinstance(out, (tuple, list)) else out
 
 
 def _params(m):
