@@ -11,16 +11,16 @@ the step, as in Torch-Pruning's own torchvision example. It covers a model when 
 finishes, parameters drop and the pruned model runs with the same output shapes. Its time is the
 DependencyGraph build (inside ``MetaPruner``) plus ``pruner.step()``, on a deepcopy made outside
 the clock. fxprune's time is ``fxprune.plan`` + ``fxprune.apply`` (``Policy(ratio=0.5)``).
-Every prune runs in a forked worker (killed past ``--timeout`` s or ``--max-rss-gb``), the model
-built once in the parent; repeats alternate between the tools and the best of each is kept;
-ratio = fxprune / Torch-Pruning.
-Prints a table and writes benchmarks/results/compare_torch_pruning.json (rows as they finish).
+Every prune runs in a fresh forked worker (killed past ``--timeout`` s or ``--max-rss-gb``) that
+builds the model and first prunes a tiny net with the same tool (lazy imports and first-call
+costs stay off the clock); repeats alternate between the tools, the best of each is kept;
+ratio = fxprune / Torch-Pruning. Prints a table and writes
+benchmarks/results/compare_torch_pruning.json (rows as they finish).
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import importlib.util
 import json
 import os
@@ -99,17 +99,33 @@ def fx_once(model: torch.nn.Module, x: torch.Tensor, expected) -> dict:
     with torch.no_grad():
         shapes = cov.structure(pruned(x))
     return {"s": seconds, "plan_s": planned - start, "apply_s": seconds - (planned - start),
+            "stages_s": {k: round(v, 4) for k, v in plan.timings.items()},
             "params_ratio": _params(pruned) / _params(model), "shape_ok": shapes == expected["shapes"]}
 
 
-def _attempt(tool: str, fn, model, x, expected, limits: tuple, best: dict) -> bool:
-    """One repeat of ``tool`` in a forked worker (a hang or a memory blow-up of Torch-Pruning on
-    Swin kills only the worker); the fastest result stays in ``best``. False on failure."""
-    def target(send):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            send(fn(model, x, expected))
-    result, error = cov.run_isolated(target, (), *limits)
+def _prune(send, tool: str, name: str, side: int) -> None:
+    """In the worker: build the model and its reference output, then time one prune by ``tool``.
+    Nothing runs torch in the parent: a fork after OpenMP threads started can deadlock."""
+    once = tp_once if tool == "tp" else fx_once
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        once(*_reference(cov.tiny(), 16))  # warm-up
+        send(once(*_reference(cov.build(name), side)))
+
+
+def _reference(model: torch.nn.Module, side: int) -> tuple:
+    """``(model, input, expected output shapes and widths)``."""
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, side, side)
+    with torch.no_grad():
+        out = model(x)
+    return model, x, {"shapes": cov.structure(out), "widths": _widths(out)}
+
+
+def _attempt(tool: str, name: str, side: int, limits: tuple, best: dict) -> bool:
+    """One repeat of ``tool`` in a forked worker (a hang or a memory blow-up, as Torch-Pruning's
+    on Swin, kills only the worker); the fastest result stays in ``best``. False on failure."""
+    result, error = cov.run_isolated(_prune, (tool, name, side), *limits)
     if error or result is None:
         best[tool] = {"error": error or "no result"}
         return False
@@ -119,21 +135,12 @@ def _attempt(tool: str, fn, model, x, expected, limits: tuple, best: dict) -> bo
 
 
 def measure(name: str, size: int, repeats: int, limits: tuple) -> dict:
-    model = cov.build(name)
-    torch.manual_seed(1)
     side = cov.input_size(name, size, fast=False)
-    x = torch.randn(1, 3, side, side)
-    with torch.no_grad():
-        out = model(x)
-    expected = {"shapes": cov.structure(out), "widths": _widths(out)}
-    del out
-    best, alive = {}, {"tp": tp_once, "fx": fx_once}
+    best, alive = {}, ["tp", "fx"]
     for _ in range(repeats):  # alternate, so that load on the machine hits both alike
-        for tool, fn in list(alive.items()):
-            if not _attempt(tool, fn, model, x, expected, limits, best):
-                del alive[tool]
-    del model
-    gc.collect()
+        for tool in list(alive):
+            if not _attempt(tool, name, side, limits, best):
+                alive.remove(tool)
     return row_of(name, side, best)
 
 
@@ -197,10 +204,9 @@ def main() -> None:
     for name in tqdm(args.models, desc="compare", unit="model"):
         try:
             rows.append(measure(name, args.size, args.repeats, (args.timeout, args.max_rss_gb)))
-        except Exception as err:  # building or running the original failed
+        except Exception as err:  # a failure is a result of this benchmark, not a crash
             rows.append({"model": name, "tp_ok": False, "fx_ok": False, "tp": {},
                          "fx": {"error": cov.short(err)}})
-        gc.collect()
         with open(args.json, "w") as f:
             json.dump({"size": args.size, "repeats": args.repeats, "torch": torch.__version__,
                        "torch_pruning": _tp_version(), "rows": rows}, f, indent=1)
