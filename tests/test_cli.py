@@ -1,10 +1,7 @@
 """The main job on the command line, as a user runs it."""
 import json
-import os
 import subprocess
 import sys
-
-import torch
 
 
 def run(*args, cwd=None):

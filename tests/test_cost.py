@@ -16,15 +16,6 @@ from fxprune.shapes import propagate
 from fxprune.trace import trace
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread is fastest and does not spin against other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def torch_macs(model, inputs, math_attention: bool = True) -> float:
     """FlopCounterMode's MACs. Its formulas cover the math attention path only (fused CPU kernels
     and nn.MultiheadAttention's inference fast path report 0 for the attention products), so by

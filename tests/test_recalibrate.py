@@ -8,15 +8,6 @@ from fxprune.recalibrate import recalibrate
 from zoo import build
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread is fastest and does not spin against other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Spy(nn.Module):
     """Records the training flag it sees and the input of the next BatchNorm."""
 

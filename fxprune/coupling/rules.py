@@ -5,7 +5,6 @@ returns the node's channel value (``ChannelInfo``, a tuple/dict of them, or None
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch.fx as fx
