@@ -56,8 +56,15 @@ class Plan:
     def kept_positions(self, units: tuple[int, ...], removed: set[int] | None = None) -> list[int]:
         """Positions of ``units`` whose channel survives."""
         removed = self.removed_roots() if removed is None else removed
-        find = self.analysis.units.find
-        return [i for i, u in enumerate(units) if find(u) not in removed]
+        cache = self.__dict__.get("_kept_cache")
+        if cache is None or cache[0] is not removed:
+            dead = [r in removed for r in self.analysis.units.roots()]
+            cache = self.__dict__["_kept_cache"] = (removed, dead, {})
+        _, dead, memo = cache
+        hit = memo.get(id(units))
+        if hit is None or hit[0] is not units:
+            hit = memo[id(units)] = (units, [i for i, u in enumerate(units) if not dead[u]])
+        return list(hit[1])
 
     def removed_channels(self) -> dict[str, tuple[int, list[int]]]:
         """``{node_name: (dim, sorted removed indices)}`` for every node of ``traced`` that loses channels."""

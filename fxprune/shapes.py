@@ -1,6 +1,7 @@
 """Stage 2: one shape-propagation pass; every later stage reads shapes from node meta."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -31,6 +32,79 @@ class _Recorder(ShapeProp):
         return result
 
 
+def _norm_fits(m: torch.nn.Module, x: torch.Tensor) -> bool:
+    """An eval-mode batch norm returns its input's shape when the channel count fits."""
+    return x.dim() >= 2 and x.shape[1] == m.num_features and not m.training and x.is_floating_point() \
+        and all(t is None or (t.shape == (m.num_features,) and t.dtype == x.dtype)
+                for t in (m.weight, m.bias, m.running_mean, m.running_var))
+
+
+def _always(_m: torch.nn.Module, x: torch.Tensor) -> bool:
+    return x.is_floating_point()
+
+
+# Modules whose output has their input's shape and dtype, with the check that must hold first:
+# the meta kernels of these (batch norm above all) cost far more than the shapes they return.
+_SAME_SHAPE = {
+    torch.nn.BatchNorm1d: _norm_fits, torch.nn.BatchNorm2d: _norm_fits, torch.nn.BatchNorm3d: _norm_fits,
+    **{cls: _always for cls in (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU, torch.nn.Hardswish,
+                                torch.nn.Hardsigmoid, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Identity,
+                                torch.nn.Dropout, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.Mish)},
+}
+
+
+class _MetaRecorder(fx.Interpreter):
+    """Runs the graph on meta tensors (shapes and dtypes only) and records every node."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        _record(n, result)
+        return result
+
+    def call_module(self, target, args, kwargs) -> Any:
+        module = self.fetch_attr(target)
+        same_shape = _SAME_SHAPE.get(type(module))
+        if same_shape is not None and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) \
+                and same_shape(module, args[0]):
+            return torch.empty_like(args[0])
+        return super().call_module(target, args, kwargs)
+
+    def get_attr(self, target, args, kwargs) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
+class _MetaRun(torch.nn.Module):
+    """Holds the graph module as a submodule so ``torch.func.functional_call`` can swap every
+    parameter and buffer for a meta tensor while the recorder runs (the module keeps its own)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *inputs: Any) -> Any:
+        return _MetaRecorder(self.gm).run(*inputs)
+
+
+def _to_meta(value: Any) -> Any:
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
+def _meta_propagate(gm: fx.GraphModule, example_inputs: tuple) -> bool:
+    """Shapes from meta tensors: no data, no fake-tensor bookkeeping, the fastest way; False
+    when some op has no meta kernel or reads data (the caller then falls back)."""
+    state = {f"gm.{k}": torch.empty_like(v, device="meta")
+             for k, v in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))}
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.func.functional_call(_MetaRun(gm), state, tuple(_to_meta(t) for t in example_inputs),
+                                       tie_weights=False, strict=False)
+    except Exception:
+        return False
+    return True
+
+
 def _fake_propagate(gm: fx.GraphModule, example_inputs: tuple) -> bool:
     """Shapes from fake tensors (no arithmetic); False when some op cannot run on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -58,8 +132,9 @@ def _record(n: fx.Node, value: Any) -> None:
 def propagate(gm: fx.GraphModule, example_inputs: tuple, fake: bool = True) -> Any:
     """Store each node's output shape at ``node.meta["fxprune"]["shape"]``.
 
-    Shapes come from fake tensors when every op supports them (fast: no arithmetic), else from
-    one real run in eval mode without grad, which then also returns the outputs.
+    Shapes come from meta tensors when every op has a meta kernel (fastest: no data), else from
+    fake tensors, else from one real run in eval mode without grad, which then also returns the
+    outputs.
     Inputs the model rejects raise ``InputError`` carrying the model's own message.
 
     Example:
@@ -70,7 +145,7 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple, fake: bool = True) -> A
     """
     modes = [(m, m.training) for m in gm.modules()]
     gm.eval()
-    if fake and _fake_propagate(gm, example_inputs):
+    if fake and (_meta_propagate(gm, example_inputs) or _fake_propagate(gm, example_inputs)):
         _restore(modes)
         return None
     try:

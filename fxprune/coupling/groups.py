@@ -97,24 +97,25 @@ def channel_index(an: Analysis) -> dict[int, tuple[int, int]]:
             component[key] = cid
     counters: dict[int, int] = {}
     index: dict[int, tuple[int, int]] = {}
+    roots = an.units.roots()
     for atom in an.units.atoms:
         gid = component[atom.key]
         for u in range(atom.start, atom.start + atom.size):
-            r = an.units.find(u)
+            r = roots[u]
             if r not in index:
                 index[r] = (gid, counters.get(gid, 0))
                 counters[gid] = counters.get(gid, 0) + 1
     return index
 
 
-def _split_by_group(units, index, find, memo: dict | None = None) -> dict[int, tuple[list, list]]:
-    """{group: (positions, channels)} of a units tuple; memoised by identity, since
-    per-channel ops hand the same tuple from node to node."""
+def _split_by_group(units, unit_index: list, memo: dict | None = None) -> dict[int, tuple[list, list]]:
+    """{group: (positions, channels)} of a units tuple (``unit_index[u]`` = (group, channel));
+    memoised by identity, since per-channel ops hand the same tuple from node to node."""
     if memo is not None and id(units) in memo:
         return memo[id(units)][1]
     out: dict[int, tuple[list, list]] = {}
     for pos, u in enumerate(units):
-        gid, ch = index[find(u)]
+        gid, ch = unit_index[u]
         entry = out.setdefault(gid, ([], []))
         entry[0].append(pos)
         entry[1].append(ch)
@@ -132,11 +133,11 @@ def build_groups(an: Analysis, ignored: Callable[[str], bool]) -> tuple[list[Gro
         if ps.role != "consumer" and ignored(ps.owner):
             an.units.pin(ps.units, f"{ps.owner} is in policy.ignore")
     index = channel_index(an)
-    find = an.units.find
+    unit_index = [index[r] for r in an.units.roots()]
     memo: dict = {}
     params: dict[int, list[ParamMember]] = {}
     for ps in an.params.values():
-        for gid, (pos, ch) in _split_by_group(ps.units, index, find, memo).items():
+        for gid, (pos, ch) in _split_by_group(ps.units, unit_index, memo).items():
             params.setdefault(gid, []).append(
                 ParamMember(ps.target, ps.dim, ps.role, ps.owner, tuple(pos), tuple(ch)))
     wanted = {gid for gid, ps in params.items() if any(p.role == "producer" for p in ps)}
@@ -146,7 +147,7 @@ def build_groups(an: Analysis, ignored: Callable[[str], bool]) -> tuple[list[Gro
     members: dict[int, list[Member]] = {gid: [] for gid in wanted}
     for name, info in an.info.items():
         if isinstance(info, ChannelInfo):
-            for gid, (pos, ch) in _split_by_group(info.units, index, find, memo).items():
+            for gid, (pos, ch) in _split_by_group(info.units, unit_index, memo).items():
                 if gid in wanted:
                     members[gid].append(Member(name, info.dim, tuple(pos), tuple(ch)))
     pins: dict[int, dict[int, str]] = {}

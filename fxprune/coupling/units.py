@@ -45,10 +45,12 @@ class UnitTable:
         self.graph = nx.Graph()
         self.pins: dict[int, str] = {}
         self.inexact: dict[int, str] = {}
+        self._roots: list[int] | None = None
 
     def new_atom(self, key: Hashable, size: int, kind: str) -> tuple[int, ...]:
         if key in self.atom_by_key:
             key = (key, len(self.atoms))
+        self._roots = None
         start = len(self.parent)
         atom = Atom(key, kind, start, size)
         self.atoms.append(atom)
@@ -65,6 +67,21 @@ class UnitTable:
             u = parent[u]
         return u
 
+    def roots(self) -> list[int]:
+        """The root of every unit, by unit id (cached until the next ``union`` or ``new_atom``).
+
+        Example:
+            >>> t = UnitTable()
+            >>> a, b = t.new_atom("a", 2, "producer"), t.new_atom("b", 2, "producer")
+            >>> t.union(a, b, "identity", "add")
+            >>> t.roots()
+            [0, 1, 0, 1]
+        """
+        if self._roots is None:
+            find = self.find
+            self._roots = [find(u) for u in range(len(self.parent))]
+        return self._roots
+
     def atom_of(self, u: int) -> Atom:
         return self.atoms[self.atom_index[u]]
 
@@ -72,6 +89,7 @@ class UnitTable:
         """Merge ``a[i]`` with ``b[i]`` for every i and record why in the graph."""
         if len(a) != len(b):
             raise ValueError(f"cannot couple channel spaces of sizes {len(a)} and {len(b)}: {reason}")
+        self._roots = None
         linked: set[tuple[int, int]] = set()
         for x, y in zip(a, b):
             rx, ry = self.find(x), self.find(y)

@@ -197,5 +197,6 @@ def apply(plan) -> fx.GraphModule:
     except Exception as err:
         raise StageError("rewrite", None, f"{type(err).__name__}: {err}") from err
     check_shapes(gm, plan, removed)
+    plan.__dict__.pop("_kept_cache", None)  # per-apply memo of kept positions (see Plan.kept_positions)
     gm.meta["fxprune"] = plan
     return gm

@@ -1,0 +1,94 @@
+"""Shape propagation: meta tensors first, fake tensors or one real run as fallbacks, all agreeing;
+and the traced module reads the model's tensors while the pruned module owns its own."""
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torchvision
+
+import fxprune
+from fxprune.shapes import META_KEY, _fake_propagate, _meta_propagate, propagate
+from fxprune.trace import trace
+from zoo import ZOO, build
+
+
+def _recorded(gm: fx.GraphModule) -> dict:
+    return {n.name: (n.meta[META_KEY]["shape"], n.meta[META_KEY]["dtype"]) for n in gm.graph.nodes}
+
+
+def _real(gm: fx.GraphModule, inputs: tuple) -> dict:
+    from fxprune.shapes import _Recorder
+    with torch.no_grad():
+        _Recorder(gm.eval()).propagate(*inputs)
+    return _recorded(gm)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_meta_shapes_equal_a_real_run_on_the_zoo(name):
+    model, inputs = build(name)
+    gm = trace(model)
+    assert _meta_propagate(gm, inputs)
+    meta = _recorded(gm)
+    assert meta == _real(gm, inputs)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "swin_t"])
+def test_meta_shapes_equal_a_real_run_on_torchvision(name):
+    model = torchvision.models.get_model(name).eval()
+    inputs = (torch.randn(1, 3, 64, 64),)
+    gm = trace(model)
+    assert _meta_propagate(gm, inputs)
+    assert _recorded(gm) == _real(gm, inputs)
+
+
+class ReadsData(nn.Module):
+    """A leaf whose Python reads a value: meta tensors have none, so propagation falls back."""
+
+    def forward(self, x):
+        return x * float(x.abs().max().item() > -1)
+
+
+def test_a_leaf_that_reads_data_falls_back_to_a_real_run():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), ReadsData(), nn.Conv2d(8, 4, 1))
+    gm = trace(model, leaf_modules=[ReadsData])
+    inputs = (torch.randn(1, 3, 8, 8),)
+    assert not _meta_propagate(gm, inputs)
+    assert not _fake_propagate(gm, inputs)
+    propagate(gm, inputs)
+    assert [s for s, _ in _recorded(gm).values()][-2] == (1, 4, 6, 6)
+
+
+def test_a_batch_norm_of_the_wrong_width_is_caught_by_the_meta_run():
+    """The same-shape shortcut for norms checks the channel count, so the shape re-check after
+    a rewrite still catches a norm left at the wrong width."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    gm = trace(model)
+    gm.get_submodule("0").weight = nn.Parameter(torch.randn(6, 3, 3, 3))
+    assert not _meta_propagate(gm, (torch.randn(1, 3, 8, 8),))
+
+
+def test_shape_propagation_leaves_tensors_and_flags_alone():
+    model = torchvision.models.resnet18().train()
+    gm = trace(model)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    propagate(gm, (torch.randn(2, 3, 32, 32),))
+    assert all(m.training for m in gm.modules())
+    assert all(torch.equal(v, before[k]) for k, v in gm.state_dict().items())
+    assert all(v.device.type == "cpu" for v in gm.state_dict().values())
+
+
+def test_traced_module_shares_the_models_tensors_and_the_pruned_one_does_not():
+    model = torchvision.models.resnet18().eval()
+    model_storage = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    plan = fxprune.plan(model, fxprune.Policy(ratio=0.5), (torch.randn(1, 3, 32, 32),))
+    traced = {t.untyped_storage().data_ptr() for t in (*plan.traced.parameters(), *plan.traced.buffers())}
+    assert traced <= model_storage
+    assert not any(a is b for a, b in zip(plan.traced.modules(), model.modules()))
+    pruned = fxprune.apply(plan)
+    owned = {t.untyped_storage().data_ptr() for t in (*pruned.parameters(), *pruned.buffers())}
+    assert not owned & model_storage
+    with torch.no_grad():  # training the pruned module in place never reaches the model
+        for p in pruned.parameters():
+            p.add_(1.0)
+    assert not fxprune.verify(pruned).ok
+    assert fxprune.verify(fxprune.apply(plan)).ok
