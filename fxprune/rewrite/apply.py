@@ -1,12 +1,12 @@
 """The rewrite pass: sliced copies of every affected tensor, updated sizes and literals."""
 from __future__ import annotations
 
-import copy
 import operator
 
 import torch
 import torch.fx as fx
 
+from .copying import copy_graph_module
 from .literals import rewrite as rewrite_literal
 from .slicers import fix_module, hyper_parameters, replace_tensor
 from ..coupling.rules import arg
@@ -45,7 +45,7 @@ def _copy_sharing(traced: fx.GraphModule, slices: list) -> fx.GraphModule:
         owner, name = _owner(traced, target)
         tensor = getattr(owner, name)
         memo[id(tensor)] = tensor
-    return copy.deepcopy(traced, memo)
+    return copy_graph_module(traced, memo)
 
 
 def _module_widths(plan, removed: set) -> dict[str, int]:

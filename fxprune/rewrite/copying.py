@@ -1,0 +1,88 @@
+"""A deep copy of a GraphModule's modules made without ``copy.deepcopy``'s generic machinery.
+
+``copy.deepcopy`` reduces and rebuilds every attribute of every module; for the plain
+``torch.nn`` modules that make up a network that is most of the rewrite's time. Here a module
+whose class keeps the default copy protocol is rebuilt from its ``__dict__``: immutable values
+are shared, parameters and buffers go through the memo (so a caller can map a tensor to its
+replacement), submodules recurse, and any other value goes through ``copy.deepcopy`` with the
+same memo. A class that customises copying or pickling is copied by ``copy.deepcopy`` itself.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import enum
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+_IMMUTABLE = (int, float, bool, complex, str, bytes, type(None), type, torch.dtype, torch.device,
+              torch.layout, torch.memory_format, enum.Enum)
+
+
+_EMPTY_COPYABLE = (dict, collections.OrderedDict, set, list)
+
+
+def _immutable(value: Any) -> bool:
+    if isinstance(value, _IMMUTABLE):
+        return True
+    return type(value) is tuple and all(_immutable(v) for v in value)
+
+
+def _default_protocol(cls: type) -> bool:
+    return (getattr(cls, "__deepcopy__", None) is None
+            and cls.__getstate__ is nn.Module.__getstate__
+            and cls.__setstate__ is nn.Module.__setstate__
+            and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__)
+
+
+def copy_module(module: nn.Module, memo: dict) -> nn.Module:
+    """What ``copy.deepcopy(module, memo)`` returns, built faster for default-protocol modules.
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+        >>> c = copy_module(m, {})
+        >>> c[0] is not m[0], torch.equal(c[0].weight, m[0].weight), c[0].weight is m[0].weight
+        (True, True, False)
+    """
+    hit = memo.get(id(module))
+    if hit is not None:
+        return hit
+    cls = type(module)
+    if not _default_protocol(cls):
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state = {}
+    for key, value in module.__dict__.items():
+        if key in ("_parameters", "_buffers"):
+            state[key] = {n: (None if t is None else copy.deepcopy(t, memo)) for n, t in value.items()}
+        elif key == "_modules":
+            state[key] = {n: (None if c is None else copy_module(c, memo)) for n, c in value.items()}
+        elif _immutable(value):
+            state[key] = value
+        elif type(value) in _EMPTY_COPYABLE and not value:  # the hook tables of almost every module
+            state[key] = type(value)()
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__dict__.update(state)
+    return new
+
+
+def copy_graph_module(gm: fx.GraphModule, memo: dict | None = None) -> fx.GraphModule:
+    """A deep copy of ``gm``; tensors found in ``memo`` (by id) are mapped as it says.
+
+    Example:
+        >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2)))
+        >>> c = copy_graph_module(gm, {id(gm.get_submodule("0").weight): gm.get_submodule("0").weight})
+        >>> c.get_submodule("0").weight is gm.get_submodule("0").weight, c.get_submodule("0") is gm.get_submodule("0")
+        (True, False)
+    """
+    memo = {} if memo is None else memo
+    for child in gm._modules.values():
+        if child is not None:
+            copy_module(child, memo)
+    return copy.deepcopy(gm, memo)
