@@ -113,9 +113,15 @@ def _split_by_group(units, unit_index: list, memo: dict | None = None) -> dict[i
     memoised by identity, since per-channel ops hand the same tuple from node to node."""
     if memo is not None and id(units) in memo:
         return memo[id(units)][1]
+    entries = list(map(unit_index.__getitem__, units))
+    gids = {gid for gid, _ in entries}
+    if len(gids) == 1:  # the common case: one tensor, one group
+        out = {gids.pop(): (list(range(len(entries))), [ch for _, ch in entries])}
+        if memo is not None:
+            memo[id(units)] = (units, out)
+        return out
     out: dict[int, tuple[list, list]] = {}
-    for pos, u in enumerate(units):
-        gid, ch = unit_index[u]
+    for pos, (gid, ch) in enumerate(entries):
         entry = out.setdefault(gid, ([], []))
         entry[0].append(pos)
         entry[1].append(ch)

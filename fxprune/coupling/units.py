@@ -90,18 +90,17 @@ class UnitTable:
         if len(a) != len(b):
             raise ValueError(f"cannot couple channel spaces of sizes {len(a)} and {len(b)}: {reason}")
         self._roots = None
-        linked: set[tuple[int, int]] = set()
+        parent, find, atom_index = self.parent, self.find, self.atom_index
+        pairs = set(zip(map(atom_index.__getitem__, a), map(atom_index.__getitem__, b)))
+        linked = {(min(i, j), max(i, j)) for i, j in pairs if i != j}
         for x, y in zip(a, b):
-            rx, ry = self.find(x), self.find(y)
-            ax, ay = self.atom_index[x], self.atom_index[y]
-            if ax != ay:
-                linked.add((min(ax, ay), max(ax, ay)))
-            if rx != ry:
-                if rx < ry:
-                    self.parent[ry] = rx
-                else:
-                    self.parent[rx] = ry
-        for i, j in linked:
+            rx = x if parent[x] == x else find(x)
+            ry = y if parent[y] == y else find(y)
+            if rx < ry:
+                parent[ry] = rx
+            elif ry < rx:
+                parent[rx] = ry
+        for i, j in sorted(linked):
             ki, kj = self.atoms[i].key, self.atoms[j].key
             if not self.graph.has_edge(ki, kj):
                 self.graph.add_edge(ki, kj, kind=kind, reason=reason)
