@@ -8,6 +8,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
+from .copying import copy_graph_module, copy_module
 from .errors import TraceError
 
 
@@ -67,7 +68,9 @@ def structural_copy(model: torch.nn.Module) -> torch.nn.Module:
         (True, True)
     """
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return copy.deepcopy(model, memo)
+    if isinstance(model, fx.GraphModule):
+        return copy_graph_module(model, memo)
+    return copy_module(model, memo)
 
 
 def trace(model: torch.nn.Module, leaf_modules: Iterable = (), concrete_args: dict | None = None) -> fx.GraphModule:

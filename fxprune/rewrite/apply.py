@@ -6,7 +6,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .copying import copy_graph_module
+from ..copying import copy_graph_module
 from .literals import rewrite as rewrite_literal
 from .slicers import fix_module, hyper_parameters, replace_tensor
 from ..coupling.rules import arg

@@ -1,0 +1,66 @@
+"""The fast module copy returns what copy.deepcopy returns."""
+import torch
+import torch.nn as nn
+import torch.nn.utils.parametrize as parametrize
+import torchvision
+
+from fxprune.copying import copy_graph_module, copy_module
+from fxprune.trace import structural_copy, trace
+
+
+class Doubler(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
+
+
+def test_copy_equals_deepcopy_on_a_torchvision_model():
+    model = torchvision.models.efficientnet_b0().eval()
+    model.features[0].register_forward_hook(lambda m, i, o: None)
+    copied = copy_module(model, {})
+    assert repr(copied) == repr(model)
+    assert all(torch.equal(a, b) and a is not b for a, b in zip(_tensors(copied), _tensors(model)))
+    assert all(type(a) is type(b) for a, b in zip(_tensors(copied), _tensors(model)))
+    assert not any(a is b for a, b in zip(copied.modules(), model.modules()))
+    assert len(copied.features[0]._forward_hooks) == 1
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(copied(x), model(x))
+    copied.train()
+    assert not model.training
+
+
+def test_shared_submodules_and_tied_weights_stay_shared_once():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    model.extra = nn.Linear(4, 4)
+    model.extra.weight = shared.weight
+    copied = copy_module(model, {})
+    assert copied[0] is copied[2] and copied[0] is not shared
+    assert copied.extra.weight is copied[0].weight
+
+
+def test_custom_copy_protocols_fall_back_to_deepcopy():
+    model = nn.Sequential(nn.Linear(3, 3))
+    parametrize.register_parametrization(model[0], "weight", Doubler())
+    copied = copy_module(model, {})
+    assert parametrize.is_parametrized(copied[0], "weight")
+    assert torch.equal(copied[0].weight, model[0].weight)
+
+
+def test_structural_copy_shares_tensors_only():
+    model = torchvision.models.resnet18()
+    copied = structural_copy(model)
+    assert all(a is b for a, b in zip(_tensors(copied), _tensors(model)))
+    assert not any(a is b for a, b in zip(copied.modules(), model.modules()))
+
+
+def test_graph_module_copy_maps_tensors_through_the_memo():
+    gm = trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    weight = gm.get_submodule("0").weight
+    copied = copy_graph_module(gm, {id(weight): weight})
+    assert copied.get_submodule("0").weight is weight
+    assert copied.get_submodule("1").weight is not gm.get_submodule("1").weight
+    assert copied.code == gm.code
