@@ -75,6 +75,7 @@ def plan(model: torch.nn.Module, policy: Policy, example_inputs: Any, *, leaf_mo
                                             dict(importance_options or {}))
         scores = _score(groups, policy, ctx)
     with _stage("select", timings):
+        policy = _selection_policy(policy, ctx)
         cost = None
         if policy.budget or policy.allocation == "cost":
             lut = latency_table
@@ -83,9 +84,27 @@ def plan(model: torch.nn.Module, policy: Policy, example_inputs: Any, *, leaf_mo
                 lut = LatencyTable.build(gm, an, inputs, device=policy.device)
             cost = CostModel(gm, groups, an, lut)
         selection = select(groups, scores, policy, cost, dict(gm.named_modules()))
+        if policy is not ctx.policy:
+            selection["selection_policy"] = {k: v for k, v in policy.to_dict().items()
+                                             if v != ctx.policy.to_dict().get(k)}
     with _stage("edits", timings):
         _collect_edits(groups, ctx)
-    return Plan(gm, policy, groups, inputs, an, comp_to_group, index, dict(ctx.edits), timings, selection)
+    return Plan(gm, ctx.policy, groups, inputs, an, comp_to_group, index, dict(ctx.edits), timings, selection)
+
+
+def _selection_policy(policy: Policy, ctx: importance_.ImportanceContext) -> Policy:
+    """The policy ``select`` uses: the user's, unless the criterion has a
+    ``selection_policy(policy, ctx) -> Policy`` method that derives how channels are ranked
+    from its own scores (e.g. sensitivity's ``layer_rates="hessian"``: one global ranking of
+    unnormalised second-order saliencies). The change is recorded in ``plan.selection``."""
+    adjust = getattr(importance_.get(policy.importance), "selection_policy", None)
+    if adjust is None:
+        return policy
+    chosen = adjust(policy, ctx)
+    if not isinstance(chosen, Policy):
+        raise StageError("select", None, f"selection_policy of {policy.importance!r} returned "
+                                         f"{type(chosen).__name__}, not a Policy")
+    return chosen
 
 
 def analyse_model(model: torch.nn.Module, policy: Policy, inputs: tuple, timings: dict,

@@ -16,7 +16,22 @@ option                 default         meaning
 ``hutchinson_probes``  ``2``           probes per batch
 ``seed``               ``0``           probe seed
 ``max_batches``        ``None``        calibration batches read (``None``: all)
+``layer_rates``        ``"policy"``    ``"policy"``: each layer's rate comes from the Policy
+                                       (its ratio, scope and normalisation); ``"hessian"``:
+                                       per-layer rates from the layer Hessian (see below)
 =====================  ==============  ========================================================
+
+Per-layer rates from the layer Hessian (``layer_rates="hessian"``): under the second-order
+model a channel's saliency ``S_c = Σ ½ w² H_ww`` estimates the loss increase its removal
+causes, in the same unit in every layer, and the increases of several removals add up. The
+removal of a given number of channels (or, with ``flops=``/``params=``, of a given cost) that
+raises the estimated loss least is then one ranking of all channels by raw ``S_c``; each
+layer's rate is whatever share of its channels falls under the threshold. The option does
+exactly that: ``select`` runs with ``scope="global"`` and ``normalize="none"`` (recorded in
+``plan.selection["selection_policy"]``), the policy's ratio or budget, ``min_channels``,
+``round_to`` and overrides unchanged. Layers whose Hessian (input second moments) and weights
+are small lose most of their channels; the paper's own allocation rule is not published in
+the abstract, so this is the reconstruction, not a quotation.
 
 With ``"diag"`` the Hessian diagonal of weight ``W[o, c, u, v]`` is ``E[x²]`` of the input
 element it multiplies, summed over output positions and averaged over samples (the exact
@@ -25,6 +40,8 @@ second moment). A channel whose activations are zero on the calibration data the
 zero consumer-side sensitivity. Biases are not counted.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -60,9 +77,25 @@ class Sensitivity(Criterion):
 
     name = "sensitivity"
     defaults = {"hessian": "diag", "sensitivity_terms": "both", "hutchinson_probes": 2, "seed": 0,
-                "max_batches": None}
+                "max_batches": None, "layer_rates": "policy"}
     choices = {"hessian": ("diag", "fisher", "hutchinson"),
-               "sensitivity_terms": ("both", "producer", "consumer")}
+               "sensitivity_terms": ("both", "producer", "consumer"),
+               "layer_rates": ("policy", "hessian")}
+
+    def selection_policy(self, policy, ctx):
+        """With ``layer_rates="hessian"``, one global ranking of the unnormalised saliencies
+        (see the module docstring); otherwise the policy as given.
+
+        Example:
+            >>> import fxprune, torch
+            >>> ctx = fxprune.ImportanceContext(None, [], (), options={"layer_rates": "hessian"})
+            >>> p = sensitivity.selection_policy(fxprune.Policy("sensitivity", 0.5), ctx)
+            >>> p.scope, p.normalize
+            ('global', 'none')
+        """
+        if self.option(ctx, "layer_rates") == "policy":
+            return policy
+        return dataclasses.replace(policy, scope="global", normalize="none")
 
     def _roles(self, ctx) -> tuple[str, ...]:
         terms = self.option(ctx, "sensitivity_terms")

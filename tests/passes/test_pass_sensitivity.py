@@ -87,3 +87,46 @@ def test_hutchinson_on_an_op_without_second_derivative_says_what_to_use():
     with pytest.raises(fxprune.FxPruneError, match="fisher"):
         fxprune.plan(model, fxprune.Policy("sensitivity", 0.5), (x,), calibration=batches, loss_fn=loss_fn,
                      importance_options={"hessian": "hutchinson"})
+
+
+def _two_layer_net(width: int = 8):
+    """conv1's 8 channels feed conv2 (16 channels, then a 1x1 head); conv1's outputs are scaled
+    down by 1e-2 before conv2, so conv2's Hessian (its input second moments) is tiny: its
+    channels are the cheap ones to lose under the second-order model."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+            self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+            self.head = nn.Conv2d(2 * width, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.conv2(torch.relu(self.conv1(x)) * 1e-2))
+
+    return Net().double(), [torch.randn(4, 3, 8, 8, dtype=torch.float64) for _ in range(2)]
+
+
+def test_layer_rates_from_the_hessian_rank_raw_saliencies_across_layers():
+    model, batches = _two_layer_net()
+    x = (batches[0],)
+    options = {"layer_rates": "hessian"}
+    plan = fxprune.plan(model, fxprune.Policy("sensitivity", 0.5), x, calibration=batches,
+                        importance_options=options)
+    removed = {g.name: len(g.removed) for g in plan.groups if not g.blocked}
+    assert sum(removed.values()) == 12  # half of the 24 removable channels, as asked
+    assert removed["conv2"] > 8 > removed["conv1"]  # not 4 and 8: the rates follow the Hessian
+    assert plan.selection["selection_policy"] == {"scope": "global", "normalize": "none"}
+    assert plan.policy.scope == "local"  # the user's policy is kept as given
+    same = fxprune.plan(model, fxprune.Policy("sensitivity", 0.5, scope="global", normalize="none"), x,
+                        calibration=batches)
+    assert [g.removed for g in same.groups] == [g.removed for g in plan.groups]
+    assert fxprune.verify(fxprune.apply(plan)).ok
+
+
+def test_layer_rates_from_the_hessian_meet_a_flops_budget():
+    model, batches = _two_layer_net(width=48)
+    plan = fxprune.plan(model, fxprune.Policy("sensitivity", flops=0.6), (batches[0],), calibration=batches,
+                        importance_options={"layer_rates": "hessian"})
+    assert plan.selection["met"] and abs(plan.selection["achieved"] - 0.6) <= 0.01
