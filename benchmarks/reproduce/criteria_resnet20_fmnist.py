@@ -13,7 +13,11 @@ its ratio bisected to the same MAC budget, then the same recalibration and fine-
 with a note when ``torch_pruning`` is not installed). ``lamp`` is a cross-group normaliser (under
 local scope it would equal ``l1``), so it runs with ``scope="global", normalize="none"``.
 Criteria that need data read ``--calib`` training images (taylor: with labels and cross-entropy;
-hrank, sensitivity: images only). A criterion that errors is skipped with the reason recorded.
+hrank, sensitivity: images only). ``sensitivity-hessian`` is ``sensitivity`` with
+``layer_rates="hessian"``: per-layer rates from one global ranking of the raw second-order
+saliencies instead of one ratio for all groups (``-mean``: each layer's saliencies divided by
+their mean first). A criterion that errors is skipped with the
+reason recorded.
 Seeds change the random criterion, the calibration/recalibration images and the fine-tune order;
 the dense model is always the seed-0 checkpoint. With one seed, differences of a few tenths of a
 point are within run-to-run noise: use ``--seeds 3`` or more before calling a winner.
@@ -50,6 +54,9 @@ from fxprune.training import finetune  # noqa: E402
 
 TP = "tp-magnitude"
 STAGES = ("accuracy_pruned", "accuracy_recalibrated")
+# Named variants of registered criteria: method name -> (criterion, importance options).
+VARIANTS = {"sensitivity-hessian": ("sensitivity", {"layer_rates": "hessian"}),
+            "sensitivity-hessian-mean": ("sensitivity", {"layer_rates": "hessian-mean"})}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -79,7 +86,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.criteria = args.criteria or ["l1", "random"]
         args.budgets, args.epochs, args.calib, args.recal_batches = [0.5], [1], 128, 4
         args.finetune_subset, args.test_subset = 500, args.test_subset or 500
-    args.criteria = args.criteria or fxprune.importance.available() + [TP]
+    args.criteria = args.criteria or fxprune.importance.available() + list(VARIANTS) + [TP]
     args.plot = args.plot or args.out.with_suffix(".png")
     return args
 
@@ -89,10 +96,14 @@ def prune(model, method, budget, seed, example, calibration):
     if method == TP:
         return tp_prune(model, example, budget), "local"
     scope, normalize = ("global", "none") if method == "lamp" else ("local", "mean")
-    policy = fxprune.Policy(importance=method, flops=budget, scope=scope, normalize=normalize)
+    importance, options = VARIANTS.get(method, (method, {}))
+    if method == "random":
+        options = {"seed": seed}
+    policy = fxprune.Policy(importance=importance, flops=budget, scope=scope, normalize=normalize)
     pruned = fxprune.transform(model, policy, (example,), calibration=calibration, loss_fn=F.cross_entropy,
-                               importance_options={"seed": seed} if method == "random" else None)
-    return pruned, scope
+                               importance_options=options)
+    plan = pruned.meta["fxprune"]
+    return pruned, plan.selection.get("selection_policy", {}).get("scope", scope)
 
 
 def tp_prune(model, example, budget, steps=14):

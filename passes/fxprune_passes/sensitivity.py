@@ -18,7 +18,9 @@ option                 default         meaning
 ``max_batches``        ``None``        calibration batches read (``None``: all)
 ``layer_rates``        ``"policy"``    ``"policy"``: each layer's rate comes from the Policy
                                        (its ratio, scope and normalisation); ``"hessian"``:
-                                       per-layer rates from the layer Hessian (see below)
+                                       per-layer rates from one ranking of raw saliencies;
+                                       ``"hessian-mean"``: the same after dividing each
+                                       layer's saliencies by their mean (see below)
 =====================  ==============  ========================================================
 
 Per-layer rates from the layer Hessian (``layer_rates="hessian"``): under the second-order
@@ -32,6 +34,12 @@ exactly that: ``select`` runs with ``scope="global"`` and ``normalize="none"`` (
 ``round_to`` and overrides unchanged. Layers whose Hessian (input second moments) and weights
 are small lose most of their channels; the paper's own allocation rule is not published in
 the abstract, so this is the reconstruction, not a quotation.
+
+Measured caveat (``benchmarks/reproduce/criteria_resnet20_fmnist.py``): with BatchNorm after
+each conv, the layer-wise Hessians of different layers are not on one scale (a norm rescales
+what its conv's errors cost), so the raw ranking can strip a stage to ``min_channels`` and lose
+the model. ``"hessian-mean"`` ranks ``S_c / mean_layer(S)`` instead (``normalize="mean"``): a
+layer's rate then follows how unevenly its saliency is spread, which survives the rescaling.
 
 With ``"diag"`` the Hessian diagonal of weight ``W[o, c, u, v]`` is ``E[x²]`` of the input
 element it multiplies, summed over output positions and averaged over samples (the exact
@@ -80,7 +88,7 @@ class Sensitivity(Criterion):
                 "max_batches": None, "layer_rates": "policy"}
     choices = {"hessian": ("diag", "fisher", "hutchinson"),
                "sensitivity_terms": ("both", "producer", "consumer"),
-               "layer_rates": ("policy", "hessian")}
+               "layer_rates": ("policy", "hessian", "hessian-mean")}
 
     def selection_policy(self, policy, ctx):
         """With ``layer_rates="hessian"``, one global ranking of the unnormalised saliencies
@@ -93,9 +101,10 @@ class Sensitivity(Criterion):
             >>> p.scope, p.normalize
             ('global', 'none')
         """
-        if self.option(ctx, "layer_rates") == "policy":
+        rates = self.option(ctx, "layer_rates")
+        if rates == "policy":
             return policy
-        return dataclasses.replace(policy, scope="global", normalize="none")
+        return dataclasses.replace(policy, scope="global", normalize="none" if rates == "hessian" else "mean")
 
     def _roles(self, ctx) -> tuple[str, ...]:
         terms = self.option(ctx, "sensitivity_terms")

@@ -130,3 +130,14 @@ def test_layer_rates_from_the_hessian_meet_a_flops_budget():
     plan = fxprune.plan(model, fxprune.Policy("sensitivity", flops=0.6), (batches[0],), calibration=batches,
                         importance_options={"layer_rates": "hessian"})
     assert plan.selection["met"] and abs(plan.selection["achieved"] - 0.6) <= 0.01
+
+
+def test_layer_rates_hessian_mean_ranks_saliencies_over_each_layers_mean():
+    model, batches = _two_layer_net()
+    x = (batches[0],)
+    plan = fxprune.plan(model, fxprune.Policy("sensitivity", 0.5), x, calibration=batches,
+                        importance_options={"layer_rates": "hessian-mean"})
+    same = fxprune.plan(model, fxprune.Policy("sensitivity", 0.5, scope="global", normalize="mean"), x,
+                        calibration=batches)
+    assert plan.selection["selection_policy"] == {"scope": "global"}
+    assert [g.removed for g in same.groups] == [g.removed for g in plan.groups]
