@@ -70,6 +70,9 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--importance", default=None, help="importance criterion name (default l1)")
     g.add_argument("--flops", type=float, default=None, help="fraction of MACs to keep (a budget)")
     g.add_argument("--params", type=float, default=None, help="fraction of parameters to keep (a budget)")
+    g.add_argument("--latency", type=float, default=None,
+                   help="fraction of the latency to keep (a budget), predicted from a lookup table "
+                        "measured once per device and cached (see fxprune.latency_lut)")
     g.add_argument("--scope", choices=("local", "global"), default=None, help="rank channels per group or globally")
     g.add_argument("--normalize", choices=("mean", "max", "lamp", "none"), default=None,
                    help="score normalisation across groups (global scope)")
@@ -91,7 +94,7 @@ def policy_from_args(args: argparse.Namespace):
     """
     import fxprune
     from .policy_file import merge, read_policy_file
-    flags = {key: getattr(args, key) for key in ("ratio", "importance", "flops", "params", "scope",
+    flags = {key: getattr(args, key, None) for key in ("ratio", "importance", "flops", "params", "latency", "scope",
                                                  "normalize", "allocation", "round_to", "min_channels",
                                                  "exact_only", "ignore")}
     file_values = read_policy_file(args.policy) if args.policy else {}

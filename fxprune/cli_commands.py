@@ -62,8 +62,22 @@ def _pruned_model(args: argparse.Namespace, model: Any, inputs: tuple) -> tuple[
     if args.pruned:
         return fxprune.load(args.pruned).eval(), None, None
     policy = policy_from_args(args)
-    pruned = fxprune.transform(model, policy, inputs)
+    pruned = fxprune.transform(model, policy, inputs, latency_table=_latency_table(args, policy, model, inputs))
     return pruned, policy, size_report(pruned)
+
+
+def _latency_table(args: argparse.Namespace, policy: Any, model: Any, inputs: tuple) -> Any:
+    """With ``--latency``: the lookup table of ``--device`` at ``--threads`` (1 by default),
+    measured with a progress bar on first use and read from the per-device cache after."""
+    if policy.latency is None:
+        return None
+    import dataclasses
+    import fxprune
+    from .latency_lut import LatencyTable
+    device = getattr(args, "device", None) or policy.device
+    probe = fxprune.plan(model, dataclasses.replace(policy, latency=None, ratio=0.0), inputs)
+    return LatencyTable.build(probe.traced, probe.analysis, inputs, device=device,
+                              threads=getattr(args, "threads", None) or 1, progress=_progress(args))
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -60,3 +60,37 @@ def test_latency_budget_is_validated():
         fxprune.Policy(latency=0.5, flops=0.5)
     with pytest.raises(fxprune.PolicyError, match="latency is the fraction to keep"):
         fxprune.Policy(latency=1.5)
+
+
+def test_prune_to_latency_corrects_a_wrong_table_from_measurements(monkeypatch):
+    """The loop asks the table again until the measured fraction is within tolerance. 'Measured'
+    here is the MAC fraction (a deterministic stand-in for the clock): the synthetic table is
+    wrong about this model, so round 1 misses and a later round corrects it."""
+    from fxprune.bench import latency_target
+    from fxprune.bench.compare import Comparison
+    from fxprune.bench.latency import LatencyStats
+
+    def fake_compare(original, pruned, inputs, **_):
+        macs = fxprune.cost.count(pruned.meta["fxprune"].traced)["macs"], fxprune.cost.count(pruned)["macs"]
+        stat = lambda ms: LatencyStats.from_samples([ms], device="cpu", dtype="fp32", batch=1)
+        return Comparison("m", stat(float(macs[0])), stat(float(macs[1])), macs[0], macs[1], 1, 1)
+
+    monkeypatch.setattr(latency_target, "compare", fake_compare)
+    model, x = small(), (torch.randn(1, 3, 16, 16),)
+    pruned, history = latency_target.prune_to_latency(model, fxprune.Policy(latency=0.6), x,
+                                                      latency_table=synthetic_table(), rounds=4, tolerance=0.03)
+    assert history[0].asked == 0.6 and abs(history[0].error) > 0.03
+    assert all(b.asked == pytest.approx(min(1.0, a.asked * 0.6 / a.measured)) for a, b in zip(history, history[1:]))
+    assert abs(min(history, key=lambda r: abs(r.error)).error) <= 0.03
+    assert fxprune.verify(pruned).ok
+
+
+def test_prune_to_latency_needs_a_latency_policy():
+    from fxprune.bench import prune_to_latency
+    with pytest.raises(fxprune.PolicyError, match="latency="):
+        prune_to_latency(small(), fxprune.Policy(flops=0.5), (torch.randn(1, 3, 16, 16),))
+
+
+def test_cli_latency_flag_sets_the_budget():
+    from fxprune.cli import parser, policy_from_args
+    assert policy_from_args(parser().parse_args(["prune", "resnet18", "--latency", "0.6"])).latency == 0.6

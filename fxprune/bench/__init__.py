@@ -14,9 +14,10 @@ Example:
 from .compare import Comparison, compare, count_macs, count_params, environment, format_table, to_json
 from .latency import (DTYPES, BenchError, DeviceUnavailableError, LatencyStats, batch_sweep, measure,
                       resize_batch)
+from .latency_target import LatencyRound, prune_to_latency
 
 __all__ = [
     "measure", "batch_sweep", "resize_batch", "LatencyStats", "compare", "Comparison",
     "count_macs", "count_params", "environment", "format_table", "to_json", "DTYPES",
-    "BenchError", "DeviceUnavailableError",
+    "BenchError", "DeviceUnavailableError", "prune_to_latency", "LatencyRound",
 ]
