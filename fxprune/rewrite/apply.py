@@ -75,16 +75,22 @@ def _slice_tensors(gm: fx.GraphModule, slices: list, widths: dict[str, int]) -> 
         fix_module(owner, hp)
 
 
-def _rewrite_literals(gm: fx.GraphModule, plan, removed: set) -> None:
+def _rewrite_literals(gm: fx.GraphModule, plan, removed: set) -> bool:
+    """Rewrite sizes written into the graph; True when some node was visited for it."""
     info = plan.analysis.info
     kept = lambda units: len(plan.kept_positions(units, removed))
+    touched = False
     for node in list(gm.graph.nodes):
         if node.name in plan.analysis.literals:
             rewrite_literal(node, *plan.analysis.literals[node.name], kept)
+            touched = True
         if node.name in plan.analysis.resized:
             _rewrite_split(node, info[node.name], plan, removed)
+            touched = True
         elif node.target in ("view", "reshape", torch.reshape) and isinstance(info.get(node.name), ChannelInfo):
             _rewrite_shape(node, info[node.name], plan, removed)
+            touched = True
+    return touched
 
 
 def _rewrite_split(node: fx.Node, pieces: tuple, plan, removed: set) -> None:
@@ -149,12 +155,17 @@ def _is_impure(node: fx.Node) -> bool:
     return False
 
 
-def finish(gm: fx.GraphModule) -> fx.GraphModule:
-    """The finish sequence of every rewrite: DCE, drop unused submodules, lint, recompile."""
-    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
-    gm.delete_all_unused_submodules()
+def finish(gm: fx.GraphModule, graph_changed: bool = True) -> fx.GraphModule:
+    """The finish sequence of every rewrite: DCE, drop unused submodules, lint, recompile.
+
+    With ``graph_changed=False`` (only tensors were replaced) and nothing dead, the code
+    generated when the module was copied is still right and is kept.
+    """
+    removed = gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.graph.lint()
-    gm.recompile()
+    if removed or graph_changed:
+        gm.delete_all_unused_submodules()
+        gm.recompile()
     return gm
 
 
@@ -190,8 +201,7 @@ def apply(plan) -> fx.GraphModule:
     try:
         _apply_edits(gm, plan.edits)
         _slice_tensors(gm, slices, _module_widths(plan, removed))
-        _rewrite_literals(gm, plan, removed)
-        finish(gm)
+        finish(gm, graph_changed=_rewrite_literals(gm, plan, removed))
     except (StageError, VerificationError):
         raise
     except Exception as err:
