@@ -90,3 +90,33 @@ def test_cost_model_predicts_the_rewritten_counts():
     macs, params = _fractions(pruned)
     assert predicted["macs"] == pytest.approx(macs, rel=1e-9)
     assert predicted["params"] == pytest.approx(params, rel=1e-9)
+
+
+class _GlobalRanker:
+    """A criterion that ranks channels across groups whatever the policy says."""
+    __name__ = "global_ranker"
+
+    def __call__(self, group, ctx):
+        return torch.arange(group.size, dtype=torch.float64) * (group.id + 1)
+
+    def selection_policy(self, policy, ctx):
+        import dataclasses
+        return dataclasses.replace(policy, scope="global", normalize="none")
+
+
+def test_a_criterion_may_derive_the_selection_policy_and_it_is_recorded():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 1), torch.nn.Conv2d(8, 2, 1))
+    x = (torch.randn(1, 3, 4, 4),)
+    plan = fxprune.plan(model, fxprune.Policy(_GlobalRanker(), ratio=0.5), x)
+    assert plan.selection["selection_policy"] == {"scope": "global", "normalize": "none"}
+    assert plan.policy.scope == "local"
+    assert sorted(len(g.removed) for g in plan.groups if not g.blocked) == [3, 5]  # not 4 and 4
+
+
+def test_a_selection_policy_that_is_not_a_policy_is_reported():
+    class Bad(_GlobalRanker):
+        def selection_policy(self, policy, ctx):
+            return {"scope": "global"}
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 2, 1))
+    with pytest.raises(fxprune.StageError, match="not a Policy"):
+        fxprune.plan(model, fxprune.Policy(Bad(), ratio=0.5), (torch.randn(1, 3, 4, 4),))
