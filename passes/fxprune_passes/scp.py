@@ -10,7 +10,8 @@ option             default     meaning
 ``next_metric``    ``"l1"``    distance between consumer vectors φ: same choices
 ``target_only``    ``False``   use only the target-layer distance (the thesis' ablation)
 ``pair_saliency``  ``"product"``  ``D_T * D_N``; ``"sum"``: ``D_T/max D_T + D_N/max D_N``
-``compensate``     ``True``    merge the removed channel's consumer columns into its twin
+``compensate``     ``True``    merge the removed channel's consumer columns into its twin;
+                               ``"scaled"``: merge them times ``α = max(0, <θ_r, θ_t> / ‖θ_t‖²)``
 ``fold_bn``        ``True``    θ uses the BatchNorm-folded weights and bias of each producer
 ``scp_score``      ``"rank"``  score = greedy removal order; ``"saliency"``: the pair saliency
                                at removal (made strictly increasing), for global ranking
@@ -21,7 +22,16 @@ concatenates, over consumers, the weight columns that contract over c. The greed
 the pair with the smallest saliency, drops the member with the smaller ‖φ‖₁ (pinned channels are
 never dropped), and, with compensation, adds φ_r to φ_t and updates the twin's distances.
 Scores are ranks, so selection removes exactly the greedy prefix; ``edits`` then performs
-``W_q[:, t] += W_q[:, r]`` in every consumer, in removal order (so chains of twins compose).
+``W_q[:, t] += α·W_q[:, r]`` in every consumer, in removal order (so chains of twins compose).
+
+Why ``"scaled"``: the merge assumes the removed channel's activation equals its twin's. When
+``θ_r = α θ_t`` with ``α > 0`` (bias included, BatchNorm folded), the pre-activations scale by
+α and so does any positively homogeneous activation (ReLU, LeakyReLU), so the exact merge is
+``α·φ_r``; α is the least-squares fit of θ_r on θ_t. Plain merging (α = 1) is the method as
+described; when the closest remaining pair is far from parallel (high pruning rates) it adds a
+whole channel's weight to a channel that does not carry its signal, and accuracy drops (see
+``benchmarks/reproduce/criteria_lenet_mnist.py``). With ``"scaled"``, nearly orthogonal pairs
+merge with α near 0, and opposite ones not at all.
 """
 from __future__ import annotations
 
@@ -92,8 +102,9 @@ def phi(group, ctx) -> torch.Tensor:
 class _Greedy:
     """The greedy pair-removal loop over one group; ``steps`` = [(removed, twin, saliency)]."""
 
-    def __init__(self, dt, f, pinned, metric, mode, use_next, compensate):
+    def __init__(self, dt, f, pinned, metric, mode, use_next, compensate, th=None):
         self.f, self.metric, self.mode, self.compensate = f.clone(), metric, mode, compensate
+        self.th = th  # producer vectors, for scaled compensation
         self.use_next = use_next and f.shape[1] > 0
         n = dt.shape[0]
         off = ~torch.eye(n, dtype=torch.bool)
@@ -119,7 +130,14 @@ class _Greedy:
             return dt / self.scale[0] + dn / self.scale[1]
         return dt * dn
 
-    def run(self) -> list[tuple[int, int, float]]:
+    def alpha(self, r: int, t: int) -> float:
+        """How much of channel r's consumer weight its twin t takes over."""
+        if self.compensate != "scaled":
+            return 1.0
+        norm = float(self.th[t].pow(2).sum())
+        return max(0.0, float(self.th[r] @ self.th[t]) / norm) if norm > 0 else 0.0
+
+    def run(self) -> list[tuple[int, int, float, float]]:
         steps = []
         n = self.s.shape[0]
         while int((self.alive & ~self.pinned).sum()) > 0 and int(self.alive.sum()) > 1:
@@ -129,12 +147,13 @@ class _Greedy:
             if value == float("inf"):
                 break
             r, t = self._pick(i, j)
-            steps.append((r, t, value))
+            a = self.alpha(r, t) if self.compensate else 0.0
+            steps.append((r, t, value, a))
             self.alive[r] = False
             self.s[r, :] = float("inf")
             self.s[:, r] = float("inf")
             if self.compensate:
-                self._merge(r, t)
+                self._merge(r, t, a)
         return steps
 
     def _pick(self, i: int, j: int) -> tuple[int, int]:
@@ -145,8 +164,8 @@ class _Greedy:
         ni, nj = self.f[i].abs().sum().item(), self.f[j].abs().sum().item()
         return (i, j) if ni < nj or (ni == nj and i > j) else (j, i)
 
-    def _merge(self, r: int, t: int) -> None:
-        self.f[t] += self.f[r]
+    def _merge(self, r: int, t: int, a: float = 1.0) -> None:
+        self.f[t] += a * self.f[r]
         if not self.use_next:
             return
         d = distances(self.f[t:t + 1], self.f, self.metric)[0]
@@ -178,22 +197,23 @@ class SimilarChannels(Criterion):
     defaults = {"target_metric": "l1", "next_metric": "l1", "target_only": False,
                 "pair_saliency": "product", "compensate": True, "fold_bn": True, "scp_score": "rank"}
     choices = {"target_metric": METRICS, "next_metric": METRICS, "target_only": (True, False),
-               "pair_saliency": ("product", "sum"), "compensate": (True, False),
+               "pair_saliency": ("product", "sum"), "compensate": (True, False, "scaled"),
                "fold_bn": (True, False), "scp_score": ("rank", "saliency")}
 
-    def steps(self, group, ctx) -> list[tuple[int, int, float]]:
-        """The greedy removal order of ``group``: ``[(removed, twin, pair saliency), ...]``."""
+    def steps(self, group, ctx) -> list[tuple[int, int, float, float]]:
+        """The greedy removal order of ``group``: ``[(removed, twin, pair saliency, α), ...]``."""
         def run():
             o = {k: self.option(ctx, k) for k in self.defaults}
-            dt = distances(*(2 * [theta(group, ctx, o["fold_bn"])]), o["target_metric"])
+            th = theta(group, ctx, o["fold_bn"])
+            dt = distances(th, th, o["target_metric"])
             greedy = _Greedy(dt, phi(group, ctx), group.pinned, o["next_metric"], o["pair_saliency"],
-                             not o["target_only"], o["compensate"])
+                             not o["target_only"], o["compensate"], th)
             return greedy.run()
         return cached(ctx, ("scp", group.id), run)
 
     def score(self, group, ctx) -> torch.Tensor:
         steps = self.steps(group, ctx)
-        gone = [r for r, _, _ in steps]
+        gone = [step[0] for step in steps]
         rest = [c for c in range(group.size) if c not in set(gone)]
         rest.sort(key=lambda c: (c in group.pinned, c))
         order = gone + rest
@@ -209,11 +229,11 @@ class SimilarChannels(Criterion):
         return scores
 
     def edits(self, group, ctx) -> dict[str, torch.Tensor]:
-        """Compensation: ``W_q[:, twin] += W_q[:, removed]`` in every consumer, in removal order."""
+        """Compensation: ``W_q[:, twin] += α·W_q[:, removed]`` in every consumer, in removal order."""
         if not self.option(ctx, "compensate"):
             return {}
         removed = set(group.removed)
-        merges = [(r, t) for r, t, _ in self.steps(group, ctx) if r in removed]
+        merges = [(r, t, a) for r, t, _, a in self.steps(group, ctx) if r in removed]
         out: dict[str, torch.Tensor] = {}
         for pm in group.consumers:
             w = out.get(pm.target)
@@ -222,9 +242,9 @@ class SimilarChannels(Criterion):
             for pos, ch in zip(pm.positions, pm.channels):
                 slots.setdefault(ch, []).append(pos)
             view = w.movedim(pm.dim, 0)
-            for r, t in merges:
+            for r, t, alpha in merges:
                 for a, b in zip(slots.get(r, []), slots.get(t, [])):
-                    view[b] += view[a]
+                    view[b] += alpha * view[a]
             out[pm.target] = w
         return out
 

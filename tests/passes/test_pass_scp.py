@@ -58,7 +58,7 @@ def test_bn_folding_finds_the_scaled_twin(fold):
     plan = fxprune.plan(model, fxprune.Policy("scp", 0.2), x)
     options = {"fold_bn": fold, "target_only": True}
     ctx = fxprune.ImportanceContext(plan.traced, plan.groups, x, options=options)
-    removed, twin, saliency = scp.steps(plan.groups[0], ctx)[0]
+    removed, twin, saliency, _alpha = scp.steps(plan.groups[0], ctx)[0]
     if fold:
         assert {removed, twin} == {1, 3} and saliency < 1e-12
     else:
@@ -103,3 +103,36 @@ def test_distance_metrics():
     assert torch.allclose(distances(a, a, "l2")[0, 1], torch.tensor(5.0, dtype=torch.float64).sqrt())
     assert torch.allclose(distances(a, a, "cosine")[0], torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
     assert torch.allclose(distances(a[:1], a, "l1"), distances(a, a, "l1")[:1])
+
+
+def _scaled_twins():
+    """conv -> ReLU -> conv; channel 3's filter and bias are twice channel 1's (no norm)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 2, 1)).double().eval()
+    with torch.no_grad():
+        m[0].weight[3] = 2 * m[0].weight[1]
+        m[0].bias[3] = 2 * m[0].bias[1]
+    return m, (torch.randn(2, 3, 4, 4, dtype=torch.float64),)
+
+
+def test_scaled_compensation_is_exact_for_parallel_channels_and_plain_is_not():
+    model, x = _scaled_twins()
+    outputs = {}
+    for compensate in (True, "scaled"):
+        options = {"compensate": compensate, "target_metric": "cosine"}
+        pruned = fxprune.transform(model, fxprune.Policy("scp", 0.2), x, importance_options=options)
+        assert pruned.meta["fxprune"].groups[0].removed in ((1,), (3,))
+        assert fxprune.verify(pruned).max_error <= 1e-9  # the oracle holds either way
+        with torch.no_grad():
+            outputs[compensate] = (pruned(*x) - model(*x)).abs().max().item()
+    assert outputs["scaled"] <= 1e-12 < outputs[True]
+
+
+def test_scaled_compensation_skips_opposite_channels():
+    model, x = _scaled_twins()
+    with torch.no_grad():
+        model[0].weight[3] = -model[0].weight[1]
+        model[0].bias[3] = -model[0].bias[1]
+    plan = fxprune.plan(model, fxprune.Policy("scp", 0.2), x, importance_options={"compensate": "scaled"})
+    ctx = fxprune.ImportanceContext(plan.traced, plan.groups, x, options={"compensate": "scaled"})
+    assert all(alpha >= 0.0 for _, _, _, alpha in scp.steps(plan.groups[0], ctx))
