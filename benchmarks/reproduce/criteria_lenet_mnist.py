@@ -37,9 +37,10 @@ from benchmarks.reproduce.train_baselines import CACHE_DIR  # noqa: E402
 
 # label -> (registered criterion, importance_options, description)
 METHODS = {
-    "scp": ("scp", {}, "SCP, L1 target x L1 next-layer distance, compensation on (defaults)"),
+    "scp": ("scp", {}, "SCP, L1 target x L1 next-layer distance, scaled compensation (defaults)"),
+    "scp-plain": ("scp", {"compensate": True}, "SCP L1/L1, plain compensation W_t += W_r (as described)"),
     "scp-nocomp": ("scp", {"compensate": False}, "SCP L1/L1 without weight compensation"),
-    "scp-target": ("scp", {"target_only": True}, "SCP, target-layer distance only, compensation on"),
+    "scp-target": ("scp", {"target_only": True}, "SCP, target-layer distance only, scaled compensation"),
     "l1": ("l1", {}, "L1 norm of the producer filters"),
     "cpmc": ("cpmc", {}, "CPMC multi-criteria (weights 1, 0.5, 0.5; global min-max)"),
     "sensitivity": ("sensitivity", {}, "second-order sensitivity, diag Hessian from calibration images"),

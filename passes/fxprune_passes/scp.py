@@ -10,8 +10,9 @@ option             default     meaning
 ``next_metric``    ``"l1"``    distance between consumer vectors φ: same choices
 ``target_only``    ``False``   use only the target-layer distance (the thesis' ablation)
 ``pair_saliency``  ``"product"``  ``D_T * D_N``; ``"sum"``: ``D_T/max D_T + D_N/max D_N``
-``compensate``     ``True``    merge the removed channel's consumer columns into its twin;
-                               ``"scaled"``: merge them times ``α = max(0, <θ_r, θ_t> / ‖θ_t‖²)``
+``compensate``     ``"scaled"``  merge the removed channel's consumer columns into its twin
+                               times ``α = max(0, <θ_r, θ_t> / ‖θ_t‖²)``; ``True``: plain
+                               merge (α = 1, the method as described); ``False``: none
 ``fold_bn``        ``True``    θ uses the BatchNorm-folded weights and bias of each producer
 ``scp_score``      ``"rank"``  score = greedy removal order; ``"saliency"``: the pair saliency
                                at removal (made strictly increasing), for global ranking
@@ -31,7 +32,10 @@ Why ``"scaled"``: the merge assumes the removed channel's activation equals its 
 described; when the closest remaining pair is far from parallel (high pruning rates) it adds a
 whole channel's weight to a channel that does not carry its signal, and accuracy drops (see
 ``benchmarks/reproduce/criteria_lenet_mnist.py``). With ``"scaled"``, nearly orthogonal pairs
-merge with α near 0, and opposite ones not at all.
+merge with α near 0, and opposite ones not at all. Measured on LeNet-5/MNIST without
+fine-tuning, scaled merging beats plain merging at every rate from 40% of channels removed
+(50%: 94.0% against 87.7% test accuracy), so it is the default; identical twins (α = 1) merge
+exactly as before.
 """
 from __future__ import annotations
 
@@ -195,7 +199,7 @@ class SimilarChannels(Criterion):
 
     name = "scp"
     defaults = {"target_metric": "l1", "next_metric": "l1", "target_only": False,
-                "pair_saliency": "product", "compensate": True, "fold_bn": True, "scp_score": "rank"}
+                "pair_saliency": "product", "compensate": "scaled", "fold_bn": True, "scp_score": "rank"}
     choices = {"target_metric": METRICS, "next_metric": METRICS, "target_only": (True, False),
                "pair_saliency": ("product", "sum"), "compensate": (True, False, "scaled"),
                "fold_bn": (True, False), "scp_score": ("rank", "saliency")}
