@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
                     _skip(skipped, method, budget, seed, f"{type(error).__name__}: {error}"[:300])
                     continue
                 records.append(record)
+                write_json(args.out, {"partial": True, "records": records, "skipped": skipped})  # survive a stop
                 print(f"  seed {seed} budget {budget:.2f} {method:12s} MACs kept {record['macs_kept']:.3f}  "
                       + "  ".join(f"{v:.4f}" for v in _accs(record)) + f"  ({record['seconds']:.0f} s)", flush=True)
     wall = time.perf_counter() - started
