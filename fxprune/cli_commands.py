@@ -96,11 +96,17 @@ def _bench(args: argparse.Namespace) -> int:
     for batch in tqdm(args.batch_sizes or [args.batch], desc="batch sizes", disable=not _progress(args)):
         records.append(compare(model, pruned, resize_batch(inputs, batch), name=args.model,
                                device=args.device, dtype=args.dtype, channels_last=args.channels_last,
+                               fold_norms=args.fold_norms,
                                compile=args.compile, warmup=args.warmup, runs=args.runs, threads=args.threads))
     doc = to_json(records)
-    doc.update(model=args.model, pruned_file=args.pruned, policy=policy.to_dict() if policy else None)
+    doc.update(model=args.model, pruned_file=args.pruned, policy=policy.to_dict() if policy else None,
+               options={"channels_last": args.channels_last, "fold_norms": args.fold_norms,
+                        "compile": args.compile, "threads": args.threads, "runs": args.runs})
     source = f"loaded from {args.pruned}" if args.pruned else f"pruned with {_policy_text(policy)}"
-    text = (f"{args.model}: original vs {source}; ideal = MAC ratio, efficiency = speedup / ideal\n"
+    layout = ", ".join(k for k, on in (("channels_last", args.channels_last), ("norms folded", args.fold_norms),
+                                       ("torch.compile", args.compile)) if on)
+    text = (f"{args.model}: original vs {source}{'; ' + layout if layout else ''}; ideal = MAC ratio, "
+            "efficiency = speedup / ideal\n"
             + format_table(records))
     _emit(args, doc, text)
     return 0
@@ -181,6 +187,8 @@ def add_commands(sub: Any) -> None:
     b.add_argument("--device", default="cpu", help="cpu or cuda[:index] (exit code 2 when unavailable)")
     b.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="fp16/bf16 run under autocast")
     b.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    b.add_argument("--fold-norms", action="store_true",
+                   help="fold conv->BatchNorm pairs in both models first, as deployment runtimes do")
     b.add_argument("--compile", action="store_true", help="time torch.compile'd models (inductor)")
     b.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="N",
                    help="batch sizes to sweep (default: --batch)")

@@ -120,7 +120,7 @@ class Comparison:
 def compare(original: torch.nn.Module, pruned: torch.nn.Module, example_inputs: Any, *,
             name: str | None = None, device: str = "cpu", dtype: str = "fp32",
             channels_last: bool = False, compile: bool | str = False, warmup: int = 10,
-            runs: int = 50, threads: int | None = None) -> Comparison:
+            runs: int = 50, threads: int | None = None, fold_norms: bool = False) -> Comparison:
     """Measure ``original`` and ``pruned`` in one interleaved run and relate speed to MACs.
 
     Calls alternate between the two models in rounds (original first in even rounds, pruned
@@ -135,7 +135,7 @@ def compare(original: torch.nn.Module, pruned: torch.nn.Module, example_inputs: 
         ('fc', 2.0, 3)
     """
     check_counts(warmup, runs)
-    options = dict(device=device, dtype=dtype, channels_last=channels_last, compile=compile)
+    options = dict(device=device, dtype=dtype, channels_last=channels_last, compile=compile, fold_norms=fold_norms)
     runners = (ModelRunner(original, example_inputs, **options),
                ModelRunner(pruned, example_inputs, **options))
     macs = [_macs_of_placed(r.module, r.inputs) for r in runners]

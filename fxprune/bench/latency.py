@@ -191,6 +191,26 @@ def resize_batch(example_inputs: Any, batch: int) -> Any:
     return map_tensors(example_inputs, resize)
 
 
+def fold_batch_norms(module: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode copy with every BatchNorm that follows a conv folded into it (as ONNX
+    Runtime, TensorRT and ``torch.jit.freeze`` do when deploying): the deployed form of a model.
+
+    Raises :class:`BenchError` when the model cannot be traced by ``torch.fx``.
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+        >>> folded = fold_batch_norms(m)
+        >>> any(isinstance(x, torch.nn.BatchNorm2d) for x in folded.modules())
+        False
+    """
+    from torch.fx.experimental.optimization import fuse
+    try:
+        return fuse(copy.deepcopy(module).eval())
+    except Exception as err:  # torch.fx raises many types
+        raise BenchError(f"cannot fold norms of {type(module).__name__}: torch.fx could not trace it "
+                         f"({type(err).__name__}: {err}); time it without fold_norms") from err
+
+
 class ModelRunner:
     """An eval-mode copy of a model, placed on a device with its inputs, timed one call at a time.
 
@@ -204,7 +224,8 @@ class ModelRunner:
     """
 
     def __init__(self, model: torch.nn.Module, example_inputs: Any, device: str = "cpu",
-                 dtype: str = "fp32", channels_last: bool = False, compile: bool | str = False):
+                 dtype: str = "fp32", channels_last: bool = False, compile: bool | str = False,
+                 fold_norms: bool = False):
         self.device = resolve_device(device)
         _check_dtype(dtype, self.device)
         self.dtype = dtype
@@ -212,6 +233,8 @@ class ModelRunner:
         self.batch = batch_of(inputs)
         layout = torch.channels_last if channels_last else torch.contiguous_format
         self.module = copy.deepcopy(model).eval().to(self.device)
+        if fold_norms:
+            self.module = fold_batch_norms(self.module)
         if channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
 
@@ -303,7 +326,8 @@ def check_counts(warmup: int, runs: int) -> None:
 
 def measure(model: torch.nn.Module, example_inputs: Any, device: str = "cpu",
             dtype: str = "fp32", channels_last: bool = False, compile: bool | str = False,
-            warmup: int = 10, runs: int = 50, threads: int | None = None) -> LatencyStats:
+            warmup: int = 10, runs: int = 50, threads: int | None = None,
+            fold_norms: bool = False) -> LatencyStats:
     """Median and quartiles of the latency of ``model(*example_inputs)``, in milliseconds.
 
     ``dtype``: ``"fp32"``, or ``"fp16"``/``"bf16"`` through ``torch.autocast`` (weights stay
@@ -311,7 +335,8 @@ def measure(model: torch.nn.Module, example_inputs: Any, device: str = "cpu",
     ``torch.compile`` (inductor) or a backend name. ``threads``: CPU threads during the run
     (default: the current setting); the previous setting is restored. ``device="cuda"`` raises
     :class:`DeviceUnavailableError` when CUDA is unavailable. The caller's model (device, mode,
-    dtype, parameters) is not changed: a private eval-mode copy is timed.
+    dtype, parameters) is not changed: a private eval-mode copy is timed. ``fold_norms`` folds
+    conv→BatchNorm pairs first (:func:`fold_batch_norms`), as deployment runtimes do.
 
     Example:
         >>> import torch
@@ -320,7 +345,7 @@ def measure(model: torch.nn.Module, example_inputs: Any, device: str = "cpu",
         (3, 8, True)
     """
     check_counts(warmup, runs)
-    runner = ModelRunner(model, example_inputs, device, dtype, channels_last, compile)
+    runner = ModelRunner(model, example_inputs, device, dtype, channels_last, compile, fold_norms)
     with timing_session(runner.device, threads) as used_threads:
         runner.warm_up(warmup)
         samples = [runner.time_once() for _ in range(runs)]

@@ -171,3 +171,28 @@ def test_invalid_settings_raise_bench_error(options, message):
 def test_package_exports_the_documented_api():
     for name in ("measure", "batch_sweep", "compare", "format_table", "to_json", "LatencyStats"):
         assert hasattr(bench, name)
+
+
+def test_fold_norms_times_the_deployed_form_and_leaves_the_model_alone():
+    from fxprune.bench.latency import ModelRunner, fold_batch_norms
+    model = ConvBnRelu().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    before = snapshot(model)
+    runner = ModelRunner(model, _inputs(), fold_norms=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in runner.module.modules())
+    with torch.no_grad():
+        x = _inputs()
+        assert torch.allclose(runner.module(*x), model(*x), atol=1e-5)
+        assert torch.allclose(fold_batch_norms(model)(*x), model(*x), atol=1e-5)
+    assert measure(model, _inputs(), fold_norms=True, **FAST).median_ms > 0
+    assert_unchanged(model, before)
+
+
+def test_fold_norms_on_an_untraceable_model_says_so():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+    with pytest.raises(BenchError, match="cannot fold norms"):
+        measure(Branchy(), _inputs(), fold_norms=True, **FAST)
