@@ -32,24 +32,59 @@ class _Recorder(ShapeProp):
         return result
 
 
-def _norm_fits(m: torch.nn.Module, x: torch.Tensor) -> bool:
-    """An eval-mode batch norm returns its input's shape when the channel count fits."""
-    return x.dim() >= 2 and x.shape[1] == m.num_features and not m.training and x.is_floating_point() \
-        and all(t is None or (t.shape == (m.num_features,) and t.dtype == x.dtype)
-                for t in (m.weight, m.bias, m.running_mean, m.running_var))
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
-def _always(_m: torch.nn.Module, x: torch.Tensor) -> bool:
-    return x.is_floating_point()
+def _params_fit(m: torch.nn.Module, x: torch.Tensor, shape: tuple, names: tuple = ("weight", "bias")) -> bool:
+    return all(getattr(m, n, None) is None or (tuple(getattr(m, n).shape) == shape and getattr(m, n).dtype == x.dtype)
+               for n in names)
 
 
-# Modules whose output has their input's shape and dtype, with the check that must hold first:
-# the meta kernels of these (batch norm above all) cost far more than the shapes they return.
-_SAME_SHAPE = {
-    torch.nn.BatchNorm1d: _norm_fits, torch.nn.BatchNorm2d: _norm_fits, torch.nn.BatchNorm3d: _norm_fits,
-    **{cls: _always for cls in (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU, torch.nn.Hardswish,
-                                torch.nn.Hardsigmoid, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Identity,
-                                torch.nn.Dropout, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.Mish)},
+def _batch_norm(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Eval-mode batch norm: the input's shape when the channel count fits everything."""
+    c = (m.num_features,)
+    if x.dim() >= 2 and x.shape[1] == m.num_features and not m.training \
+            and _params_fit(m, x, c, ("weight", "bias", "running_mean", "running_var")):
+        return _same(x)
+    return None
+
+
+def _layer_norm(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    shape = tuple(m.normalized_shape)
+    if tuple(x.shape[x.dim() - len(shape):]) == shape and _params_fit(m, x, shape):
+        return _same(x)
+    return None
+
+
+def _group_norm(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    if x.dim() >= 2 and x.shape[1] == m.num_channels and m.num_channels % m.num_groups == 0 \
+            and _params_fit(m, x, (m.num_channels,)):
+        return _same(x)
+    return None
+
+
+def _linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    w = m.weight
+    if x.dim() >= 1 and w.dim() == 2 and x.shape[-1] == w.shape[1] == m.in_features \
+            and w.shape[0] == m.out_features and w.dtype == x.dtype and _params_fit(m, x, (m.out_features,), ("bias",)):
+        return x.new_empty((*x.shape[:-1], m.out_features))
+    return None
+
+
+def _elementwise(_m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    return _same(x)
+
+
+# Output of a module from its input's meta tensor, after the checks its kernel would make; None
+# defers to the meta kernel. These modules' meta kernels (decompositions, for norms above all)
+# cost far more than the shapes they return.
+_SHAPE_RULES = {
+    torch.nn.BatchNorm1d: _batch_norm, torch.nn.BatchNorm2d: _batch_norm, torch.nn.BatchNorm3d: _batch_norm,
+    torch.nn.LayerNorm: _layer_norm, torch.nn.GroupNorm: _group_norm, torch.nn.Linear: _linear,
+    **{cls: _elementwise for cls in (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU, torch.nn.Hardswish,
+                                     torch.nn.Hardsigmoid, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Identity,
+                                     torch.nn.Dropout, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.Mish)},
 }
 
 
@@ -63,10 +98,12 @@ class _MetaRecorder(fx.Interpreter):
 
     def call_module(self, target, args, kwargs) -> Any:
         module = self.fetch_attr(target)
-        same_shape = _SAME_SHAPE.get(type(module))
-        if same_shape is not None and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) \
-                and same_shape(module, args[0]):
-            return torch.empty_like(args[0])
+        rule = _SHAPE_RULES.get(type(module))
+        if rule is not None and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) \
+                and args[0].is_floating_point():
+            out = rule(module, args[0])
+            if out is not None:
+                return out
         return super().call_module(target, args, kwargs)
 
     def get_attr(self, target, args, kwargs) -> Any:

@@ -92,3 +92,17 @@ def test_traced_module_shares_the_models_tensors_and_the_pruned_one_does_not():
             p.add_(1.0)
     assert not fxprune.verify(pruned).ok
     assert fxprune.verify(fxprune.apply(plan)).ok
+
+
+@pytest.mark.parametrize("broken", ["linear_in", "linear_bias", "layer_norm", "group_norm"])
+def test_shape_shortcuts_still_catch_a_module_of_the_wrong_width(broken):
+    """Linear and the norms skip their meta kernels, but not the checks those kernels make."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(2, 8), nn.Flatten(2), nn.LayerNorm(16),
+                          nn.Linear(16, 4)).eval()
+    gm = trace(model)
+    x = (torch.randn(1, 3, 4, 4),)
+    assert _meta_propagate(gm, x)
+    module, name, shape = {"linear_in": ("4", "weight", (4, 12)), "linear_bias": ("4", "bias", (5,)),
+                           "layer_norm": ("3", "weight", (12,)), "group_norm": ("1", "bias", (6,))}[broken]
+    setattr(gm.get_submodule(module), name, nn.Parameter(torch.randn(*shape)))
+    assert not _meta_propagate(gm, x)
