@@ -32,9 +32,15 @@ def _immutable(value: Any) -> bool:
 
 
 def _default_protocol(cls: type) -> bool:
+    """True when ``copy.deepcopy`` of an instance amounts to deep-copying its ``__dict__``.
+
+    ``__setstate__`` methods defined by torch.nn itself (``_ConvNd``, the RNNs, ...) only fill
+    in attributes that old pickles lack; a live instance has them all, so they count as default.
+    """
+    setstate = cls.__setstate__
     return (getattr(cls, "__deepcopy__", None) is None
             and cls.__getstate__ is nn.Module.__getstate__
-            and cls.__setstate__ is nn.Module.__setstate__
+            and (setstate is nn.Module.__setstate__ or getattr(setstate, "__module__", "").startswith("torch.nn."))
             and cls.__reduce_ex__ is object.__reduce_ex__
             and cls.__reduce__ is object.__reduce__)
 

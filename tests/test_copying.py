@@ -64,3 +64,26 @@ def test_graph_module_copy_maps_tensors_through_the_memo():
     assert copied.get_submodule("0").weight is weight
     assert copied.get_submodule("1").weight is not gm.get_submodule("1").weight
     assert copied.code == gm.code
+
+
+def test_torch_nn_classes_with_compat_setstate_copy_like_deepcopy():
+    """Conv, RNN and attention modules define __setstate__ for old pickles only."""
+    import copy
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 8, 3, padding=1)
+            self.rnn = nn.LSTM(8, 6, batch_first=True)
+            self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+
+        def forward(self, x):
+            y, _ = self.rnn(self.conv(x).transpose(1, 2))
+            return self.attn(y, y, y)[0]
+
+    model = Mixed().eval()
+    fast, slow = copy_module(model, {}), copy.deepcopy(model)
+    x = torch.randn(2, 4, 5)
+    assert torch.equal(fast(x), slow(x)) and torch.equal(fast(x), model(x))
+    assert fast.rnn._flat_weights[0] is fast.rnn.weight_ih_l0 is not model.rnn.weight_ih_l0
+    assert repr(fast) == repr(slow)
