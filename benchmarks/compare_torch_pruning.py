@@ -107,9 +107,12 @@ def fx_once(model: torch.nn.Module, x: torch.Tensor, expected) -> dict:
             "params_ratio": _params(pruned) / _params(model), "shape_ok": shapes == expected["shapes"]}
 
 
-def _prune(send, tool: str, name: str, side: int) -> None:
-    """In the worker: build the model and its reference output, then time one prune by ``tool``.
+def _prune(send, tool: str, name: str, side: int, threads: int = 1) -> None:
+    """In the worker: build the model and its reference output, then time one prune by ``tool``
+    with ``threads`` CPU threads (the same for both tools: Torch-Pruning runs a real forward,
+    fxprune does not, so more threads than free cores would penalise only one of them).
     Nothing runs torch in the parent: a fork after OpenMP threads started can deadlock."""
+    torch.set_num_threads(threads)
     once = tp_once if tool == "tp" else fx_once
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -126,10 +129,10 @@ def _reference(model: torch.nn.Module, side: int) -> tuple:
     return model, x, {"shapes": cov.structure(out), "widths": _widths(out)}
 
 
-def _attempt(tool: str, name: str, side: int, limits: tuple, best: dict) -> bool:
+def _attempt(tool: str, name: str, side: int, limits: tuple, best: dict, threads: int = 1) -> bool:
     """One repeat of ``tool`` in a forked worker (a hang or a memory blow-up, as Torch-Pruning's
     on Swin, kills only the worker); the fastest result stays in ``best``. False on failure."""
-    result, error = cov.run_isolated(_prune, (tool, name, side), *limits)
+    result, error = cov.run_isolated(_prune, (tool, name, side, threads), *limits)
     if error or result is None:
         best[tool] = {"error": error or "no result"}
         return False
@@ -138,12 +141,12 @@ def _attempt(tool: str, name: str, side: int, limits: tuple, best: dict) -> bool
     return True
 
 
-def measure(name: str, size: int, repeats: int, limits: tuple) -> dict:
+def measure(name: str, size: int, repeats: int, limits: tuple, threads: int = 1) -> dict:
     side = cov.input_size(name, size, fast=False)
     best, alive = {}, ["tp", "fx"]
     for _ in range(repeats):  # alternate, so that load on the machine hits both alike
         for tool in list(alive):
-            if not _attempt(tool, name, side, limits, best):
+            if not _attempt(tool, name, side, limits, best, threads):
                 alive.remove(tool)
     return row_of(name, side, best)
 
@@ -202,6 +205,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="best of N, alternating the tools")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per prune (0: none)")
     ap.add_argument("--max-rss-gb", type=float, default=16, help="memory cap per prune (0: none)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads of both tools")
     ap.add_argument("--json", default=OUT)
     args = ap.parse_args()
     import torch_pruning  # noqa: F401  (fail early: pip install torch-pruning)
@@ -209,12 +213,12 @@ def main() -> None:
     rows = []
     for name in tqdm(args.models, desc="compare", unit="model"):
         try:
-            rows.append(measure(name, args.size, args.repeats, (args.timeout, args.max_rss_gb)))
+            rows.append(measure(name, args.size, args.repeats, (args.timeout, args.max_rss_gb), args.threads))
         except Exception as err:  # a failure is a result of this benchmark, not a crash
             rows.append({"model": name, "tp_ok": False, "fx_ok": False, "tp": {},
                          "fx": {"error": cov.short(err)}})
         with open(args.json, "w") as f:
-            json.dump({"size": args.size, "repeats": args.repeats, "torch": torch.__version__,
+            json.dump({"size": args.size, "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
                        "torch_pruning": _tp_version(), "rows": rows}, f, indent=1)
     print(table(rows))
     print(summary(rows))
