@@ -10,7 +10,8 @@ built once and cached under ``$FXPRUNE_CACHE`` or ``~/.cache/fxprune``), then
 than 5%, ask the table for ``asked * target / measured`` and prune again (at most ``--rounds``).
 The table shows round 1 (the table alone: predicted against measured, the open-loop error) and
 the final round (within 5%?). Writes benchmarks/results/latency_target.json.
-Random-initialised torchvision weights; l1 criterion; batch 1; CPU unless ``--device cuda``.
+Random-initialised torchvision weights; l1 criterion; ``round_to=8`` (``--round-to``); batch 1;
+CPU unless ``--device cuda``.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--tolerance", type=float, default=0.05)
+    ap.add_argument("--round-to", type=int, default=8,
+                    help="widths a multiple of N (fast kernels; 0: none); latency jumps at odd widths")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args(argv)
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
                                    progress=True)
         table_seconds = time.perf_counter() - started
         for target in args.targets:
-            policy = fxprune.Policy(latency=target, device=args.device)
+            policy = fxprune.Policy(latency=target, device=args.device, round_to=args.round_to or None)
             pruned, history = prune_to_latency(model, policy, x, tolerance=args.tolerance, rounds=args.rounds,
                                                latency_table=table, runs=args.runs, threads=args.threads)
             first, last = history[0], min(history, key=lambda r: abs(r.error))

@@ -5,8 +5,9 @@ A prediction from layers timed one by one is not the model's measured latency (c
 memory-bound rest of the network, the allocator), so :func:`prune_to_latency` closes the loop:
 it prunes with the table, measures original and pruned side by side with :func:`compare`, and,
 while the measured fraction misses the target by more than ``tolerance`` (relative), asks the
-table for ``t_next = t_asked * target / measured`` (the secant step through the origin) and
-tries again, at most ``rounds`` times. Every round is reported, so the open-loop error of the
+table for a corrected fraction and tries again, at most ``rounds`` times: after the first round
+``t_next = t_asked * target / measured`` (the line through the origin), after later rounds the
+secant through the last two (asked, measured) points, when it slopes upwards. Every round is reported, so the open-loop error of the
 table is on record next to the result.
 """
 from __future__ import annotations
@@ -93,5 +94,22 @@ def prune_to_latency(model: torch.nn.Module, policy, example_inputs: Any, *, tol
             best = (abs(measured - target), pruned)
         if abs(measured / target - 1.0) <= tolerance:
             break
-        asked = min(1.0, max(1e-3, asked * target / measured))
+        asked = min(1.0, max(1e-3, _next_ask(history, target)))
     return best[1], history
+
+
+def _next_ask(history: list[LatencyRound], target: float) -> float:
+    """The fraction to ask the table for next (see the module docstring).
+
+    Example:
+        >>> rounds = [LatencyRound(1, 0.6, 0.6, 0.8, 0.6, None), LatencyRound(2, 0.45, 0.45, 0.5, 0.6, None)]
+        >>> round(_next_ask(rounds[:1], 0.6), 3), round(_next_ask(rounds, 0.6), 3)
+        (0.45, 0.5)
+    """
+    last = history[-1]
+    if len(history) >= 2:
+        prev = history[-2]
+        slope = (last.measured - prev.measured) / (last.asked - prev.asked) if last.asked != prev.asked else 0.0
+        if slope > 0:
+            return last.asked + (target - last.measured) / slope
+    return last.asked * target / last.measured
