@@ -43,6 +43,11 @@ class Plan:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     selection: dict = dataclasses.field(default_factory=dict)
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_kept_cache", None)  # a per-call memo (see kept_positions), not part of the plan
+        return state
+
     def removed_roots(self) -> set[int]:
         """Union-find roots of every removed channel unit."""
         removed = {g.id: set(g.removed) for g in self.groups if g.removed}
