@@ -162,8 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fxprune`` command.
 
     Example:
-        >>> main(["prune", "squeezenet1_1", "--input-size", "64", "--json"])  # doctest: +SKIP
-        0
+        >>> import contextlib, io, json
+        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+        ...     code = main(["prune", "squeezenet1_1", "--input-size", "64", "--json"])
+        >>> code, json.loads(out.getvalue())["oracle"]["ok"]
+        (0, True)
     """
     import fxprune
     from .bench import BenchError
