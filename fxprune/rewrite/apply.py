@@ -161,7 +161,8 @@ def finish(gm: fx.GraphModule, graph_changed: bool = True) -> fx.GraphModule:
     With ``graph_changed=False`` (only tensors were replaced) and nothing dead, the code
     generated when the module was copied is still right and is kept.
     """
-    removed = gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    unused = any(not n.users and n.op not in ("output", "placeholder") for n in gm.graph.nodes)
+    removed = unused and gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.graph.lint()
     if removed or graph_changed:
         gm.delete_all_unused_submodules()
