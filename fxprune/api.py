@@ -57,6 +57,11 @@ def plan(model: torch.nn.Module, policy: Policy, example_inputs: Any, *, leaf_mo
          latency_table: Any = None) -> Plan:
     """Decide what to prune, changing nothing. See ``Plan``.
 
+    The plan's traced module reads the model's parameters and buffers without copying them
+    (fxprune never writes to them); ``apply`` copies them, so the pruned module owns its
+    tensors. A model trained further between ``plan`` and ``apply`` is pruned with its new
+    values but the channels chosen from the old ones: plan again after training.
+
     Example:
         >>> import fxprune, torchvision, torch
         >>> p = fxprune.plan(torchvision.models.resnet18(), fxprune.Policy("l1", 0.5),
