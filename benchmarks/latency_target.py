@@ -52,9 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
         model = torchvision.models.get_model(name).eval()
         x = (torch.randn(1, 3, args.size, args.size),)
         started = time.perf_counter()
-        probe = fxprune.plan(model, fxprune.Policy(ratio=0.0), x)
-        table = LatencyTable.build(probe.traced, probe.analysis, x, device=args.device, threads=args.threads,
-                                   progress=True)
+        table = LatencyTable.for_model(model, fxprune.Policy(device=args.device), x, threads=args.threads,
+                                       progress=True)
         table_seconds = time.perf_counter() - started
         for target in args.targets:
             policy = fxprune.Policy(latency=target, device=args.device, round_to=args.round_to or None)

@@ -94,7 +94,7 @@ def policy_from_args(args: argparse.Namespace):
     """
     import fxprune
     from .policy_file import merge, read_policy_file
-    flags = {key: getattr(args, key, None) for key in ("ratio", "importance", "flops", "params", "latency", "scope",
+    flags = {key: getattr(args, key) for key in ("ratio", "importance", "flops", "params", "latency", "scope",
                                                  "normalize", "allocation", "round_to", "min_channels",
                                                  "exact_only", "ignore")}
     file_values = read_policy_file(args.policy) if args.policy else {}

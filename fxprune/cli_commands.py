@@ -71,13 +71,9 @@ def _latency_table(args: argparse.Namespace, policy: Any, model: Any, inputs: tu
     measured with a progress bar on first use and read from the per-device cache after."""
     if policy.latency is None:
         return None
-    import dataclasses
-    import fxprune
     from .latency_lut import LatencyTable
-    device = getattr(args, "device", None) or policy.device
-    probe = fxprune.plan(model, dataclasses.replace(policy, latency=None, ratio=0.0), inputs)
-    return LatencyTable.build(probe.traced, probe.analysis, inputs, device=device,
-                              threads=getattr(args, "threads", None) or 1, progress=_progress(args))
+    return LatencyTable.for_model(model, policy, inputs, device=getattr(args, "device", None),
+                                  threads=getattr(args, "threads", None) or 1, progress=_progress(args))
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -129,6 +129,20 @@ class LatencyTable:
         cache.write_text(json.dumps(store))
         return cls(layers, max(whole - at_full, 0.0), whole, device_key(device, threads))
 
+    @classmethod
+    def for_model(cls, model: nn.Module, policy, example_inputs, *, device: str | None = None,
+                  threads: int = 1, progress: bool = False, leaf_modules=(), concrete_args: dict | None = None,
+                  **build_options) -> "LatencyTable":
+        """The table of ``model``'s prunable layers (traced and analysed as ``fxprune.plan`` does),
+        measured on ``device`` (default: ``policy.device``) with ``threads`` threads, or read from
+        the cache; ``build_options`` go to :meth:`build`."""
+        from .api import analyse_model
+        from .trace import check_inputs
+        inputs = check_inputs(example_inputs)
+        gm, an, *_ = analyse_model(model, policy, inputs, {}, leaf_modules, concrete_args)
+        return cls.build(gm, an, inputs, device=device or policy.device, threads=threads, progress=progress,
+                         **build_options)
+
     def predict(self, keeps: dict[str, dict[int, float]], activations: float, in_dims: dict[str, int]) -> float:
         """Predicted latency (ms) for kept fractions ``{weight: {dim: fraction}}``."""
         total = self.rest_ms * activations

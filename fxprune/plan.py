@@ -43,11 +43,6 @@ class Plan:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     selection: dict = dataclasses.field(default_factory=dict)
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("_kept_cache", None)  # a per-call memo (see kept_positions), not part of the plan
-        return state
-
     def removed_roots(self) -> set[int]:
         """Union-find roots of every removed channel unit."""
         removed = {g.id: set(g.removed) for g in self.groups if g.removed}
@@ -61,15 +56,8 @@ class Plan:
     def kept_positions(self, units: tuple[int, ...], removed: set[int] | None = None) -> list[int]:
         """Positions of ``units`` whose channel survives."""
         removed = self.removed_roots() if removed is None else removed
-        cache = self.__dict__.get("_kept_cache")
-        if cache is None or cache[0] is not removed:
-            dead = [r in removed for r in self.analysis.units.roots()]
-            cache = self.__dict__["_kept_cache"] = (removed, dead, {})
-        _, dead, memo = cache
-        hit = memo.get(id(units))
-        if hit is None or hit[0] is not units:
-            hit = memo[id(units)] = (units, [i for i, u in enumerate(units) if not dead[u]])
-        return list(hit[1])
+        roots = self.analysis.units.roots()
+        return [i for i, u in enumerate(units) if roots[u] not in removed]
 
     def removed_channels(self) -> dict[str, tuple[int, list[int]]]:
         """``{node_name: (dim, sorted removed indices)}`` for every node of ``traced`` that loses channels."""

@@ -72,17 +72,13 @@ def _linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _elementwise(_m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    return _same(x)
-
-
 # Output of a module from its input's meta tensor, after the checks its kernel would make; None
 # defers to the meta kernel. These modules' meta kernels (decompositions, for norms above all)
 # cost far more than the shapes they return.
 _SHAPE_RULES = {
     torch.nn.BatchNorm1d: _batch_norm, torch.nn.BatchNorm2d: _batch_norm, torch.nn.BatchNorm3d: _batch_norm,
     torch.nn.LayerNorm: _layer_norm, torch.nn.GroupNorm: _group_norm, torch.nn.Linear: _linear,
-    **{cls: _elementwise for cls in (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU, torch.nn.Hardswish,
+    **{cls: lambda _m, x: _same(x) for cls in (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU, torch.nn.Hardswish,
                                      torch.nn.Hardsigmoid, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Identity,
                                      torch.nn.Dropout, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.Mish)},
 }

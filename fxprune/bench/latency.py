@@ -205,7 +205,7 @@ def fold_batch_norms(module: torch.nn.Module) -> torch.nn.Module:
     """
     from torch.fx.experimental.optimization import fuse
     try:
-        return fuse(copy.deepcopy(module).eval())
+        return fuse(copy.deepcopy(module).eval(), inplace=True)
     except Exception as err:  # torch.fx raises many types
         raise BenchError(f"cannot fold norms of {type(module).__name__}: torch.fx could not trace it "
                          f"({type(err).__name__}: {err}); time it without fold_norms") from err
@@ -232,9 +232,7 @@ class ModelRunner:
         inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         self.batch = batch_of(inputs)
         layout = torch.channels_last if channels_last else torch.contiguous_format
-        self.module = copy.deepcopy(model).eval().to(self.device)
-        if fold_norms:
-            self.module = fold_batch_norms(self.module)
+        self.module = (fold_batch_norms(model) if fold_norms else copy.deepcopy(model).eval()).to(self.device)
         if channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
 

@@ -7,8 +7,8 @@ it prunes with the table, measures original and pruned side by side with :func:`
 while the measured fraction misses the target by more than ``tolerance`` (relative), asks the
 table for a corrected fraction and tries again, at most ``rounds`` times: after the first round
 ``t_next = t_asked * target / measured`` (the line through the origin), after later rounds the
-secant through the last two (asked, measured) points, when it slopes upwards. Every round is reported, so the open-loop error of the
-table is on record next to the result.
+secant through the last two (asked, measured) points, when it slopes upwards. Every round is
+reported, so the open-loop error of the table is on record next to the result.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def prune_to_latency(model: torch.nn.Module, policy, example_inputs: Any, *, tol
         >>> len(history), history[0].asked
         (1, 0.7)
     """
-    from ..api import analyse_model, transform
+    from ..api import transform
     from ..errors import PolicyError
     from ..latency_lut import LatencyTable
     from ..trace import check_inputs
@@ -77,9 +77,9 @@ def prune_to_latency(model: torch.nn.Module, policy, example_inputs: Any, *, tol
         raise PolicyError(f"need 0 < tolerance < 1 and rounds >= 1, got tolerance={tolerance}, rounds={rounds}")
     inputs = check_inputs(example_inputs)
     if latency_table is None:
-        gm, an, *_ = analyse_model(model, policy, inputs, {}, plan_kwargs.get("leaf_modules", ()),
-                                   plan_kwargs.get("concrete_args"))
-        latency_table = LatencyTable.build(gm, an, inputs, device=policy.device, threads=threads)
+        latency_table = LatencyTable.for_model(model, policy, inputs, threads=threads,
+                                               leaf_modules=plan_kwargs.get("leaf_modules", ()),
+                                               concrete_args=plan_kwargs.get("concrete_args"))
     target, asked = float(policy.latency), float(policy.latency)
     history: list[LatencyRound] = []
     best: tuple[float, torch.fx.GraphModule] | None = None

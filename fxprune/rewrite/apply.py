@@ -27,11 +27,38 @@ def _apply_edits(gm: fx.GraphModule, edits: dict) -> None:
         replace_tensor(owner, name, value.to(dtype=old.dtype, device=old.device))
 
 
-def _planned_slices(plan, removed: set) -> list[tuple[str, int, list[int]]]:
+class Kept:
+    """Kept positions of channel-unit tuples under one removal, memoised by tuple identity (the
+    per-channel ops of a graph hand the same tuple from node to node).
+
+    Example:
+        >>> import fxprune, torch
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3))
+        >>> p = fxprune.plan(m, fxprune.Policy("l1", 0.5), (torch.randn(1, 3, 8, 8),))
+        >>> Kept(p, p.removed_roots()).count(p.analysis.params[("0.weight", 0)].units)
+        4
+    """
+
+    def __init__(self, plan, removed: set[int]):
+        self.dead = [r in removed for r in plan.analysis.units.roots()]
+        self.memo: dict[int, tuple[tuple, list[int]]] = {}
+
+    def positions(self, units: tuple[int, ...]) -> list[int]:
+        hit = self.memo.get(id(units))
+        if hit is None or hit[0] is not units:
+            dead = self.dead
+            hit = self.memo[id(units)] = (units, [i for i, u in enumerate(units) if not dead[u]])
+        return list(hit[1])
+
+    def count(self, units: tuple[int, ...]) -> int:
+        return len(self.positions(units))
+
+
+def _planned_slices(plan, kept: Kept) -> list[tuple[str, int, list[int]]]:
     """(param target, dim, kept positions) for every parameter dim that loses channels."""
     out = []
     for (target, dim), ps in plan.analysis.params.items():
-        keep = plan.kept_positions(ps.units, removed)
+        keep = kept.positions(ps.units)
         if len(keep) != len(ps.units):
             out.append((target, dim, keep))
     return out
@@ -48,14 +75,14 @@ def _copy_sharing(traced: fx.GraphModule, slices: list) -> fx.GraphModule:
     return copy_graph_module(traced, memo)
 
 
-def _module_widths(plan, removed: set) -> dict[str, int]:
+def _module_widths(plan, kept: Kept) -> dict[str, int]:
     """Kept width of every module whose size attributes follow channel units (see
     ``Analysis.size_module``), for those that lose channels."""
     out = {}
     for target, units in plan.analysis.module_widths.items():
-        kept = len(plan.kept_positions(units, removed))
-        if kept != len(units):
-            out[target] = kept
+        width = kept.count(units)
+        if width != len(units):
+            out[target] = width
     return out
 
 
@@ -75,26 +102,25 @@ def _slice_tensors(gm: fx.GraphModule, slices: list, widths: dict[str, int]) -> 
         fix_module(owner, hp)
 
 
-def _rewrite_literals(gm: fx.GraphModule, plan, removed: set) -> bool:
+def _rewrite_literals(gm: fx.GraphModule, plan, kept: Kept) -> bool:
     """Rewrite sizes written into the graph; True when some node was visited for it."""
     info = plan.analysis.info
-    kept = lambda units: len(plan.kept_positions(units, removed))
     touched = False
     for node in list(gm.graph.nodes):
         if node.name in plan.analysis.literals:
-            rewrite_literal(node, *plan.analysis.literals[node.name], kept)
+            rewrite_literal(node, *plan.analysis.literals[node.name], kept.count)
             touched = True
         if node.name in plan.analysis.resized:
-            _rewrite_split(node, info[node.name], plan, removed)
+            _rewrite_split(node, info[node.name], kept)
             touched = True
         elif node.target in ("view", "reshape", torch.reshape) and isinstance(info.get(node.name), ChannelInfo):
-            _rewrite_shape(node, info[node.name], plan, removed)
+            _rewrite_shape(node, info[node.name], plan, kept)
             touched = True
     return touched
 
 
-def _rewrite_split(node: fx.Node, pieces: tuple, plan, removed: set) -> None:
-    sizes = [len(plan.kept_positions(p.units, removed)) for p in pieces]
+def _rewrite_split(node: fx.Node, pieces: tuple, kept: Kept) -> None:
+    sizes = [kept.count(p.units) for p in pieces]
     dim = arg(node, 2, "dim", 0)
     x = node.args[0]
     if node.op == "call_method":
@@ -115,30 +141,30 @@ def _size_source(size: fx.Node) -> tuple[fx.Node, int] | None:
     return None
 
 
-def _follows(size: fx.Node, kept: int, plan, removed: set) -> bool:
-    """True when a run-time size at the channel dim reads a tensor that keeps ``kept`` channels there."""
+def _follows(size: fx.Node, width: int, plan, kept: Kept) -> bool:
+    """True when a run-time size at the channel dim reads a tensor that keeps ``width`` channels there."""
     src = _size_source(size)
     info = plan.analysis.info.get(src[0].name) if src and isinstance(src[0], fx.Node) else None
     if not isinstance(info, ChannelInfo) or not isinstance(src[1], int):
         return False
     nd = len(shape(src[0]) or ())
-    return (src[1] + nd if src[1] < 0 else src[1]) == info.dim and len(plan.kept_positions(info.units, removed)) == kept
+    return (src[1] + nd if src[1] < 0 else src[1]) == info.dim and kept.count(info.units) == width
 
 
-def _rewrite_shape(node: fx.Node, out: ChannelInfo, plan, removed: set) -> None:
+def _rewrite_shape(node: fx.Node, out: ChannelInfo, plan, kept: Kept) -> None:
     """The channel entry of a view/reshape becomes the kept width, unless it is -1 or a run-time
     size of a tensor with the same kept width (``x.shape[-1]`` of another space does not shrink
     with this one: it becomes a literal)."""
-    kept = len(plan.kept_positions(out.units, removed))
+    width = kept.count(out.units)
     rest = list(node.args[1:])
     packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
     dims = list(rest[0]) if packed else rest
     if "shape" in node.kwargs:
         dims, packed = list(node.kwargs["shape"]), None
     size = dims[out.dim] if out.dim < len(dims) else -1
-    if isinstance(size, fx.Node) and not _follows(size, kept, plan, removed) \
-            or isinstance(size, int) and size not in (-1, kept):
-        dims[out.dim] = kept
+    if isinstance(size, fx.Node) and not _follows(size, width, plan, kept) \
+            or isinstance(size, int) and size not in (-1, width):
+        dims[out.dim] = width
         if packed is None:
             node.kwargs = {**node.kwargs, "shape": tuple(dims)}
         else:
@@ -170,7 +196,7 @@ def finish(gm: fx.GraphModule, graph_changed: bool = True) -> fx.GraphModule:
     return gm
 
 
-def check_shapes(gm: fx.GraphModule, plan, removed: set) -> None:
+def check_shapes(gm: fx.GraphModule, plan, kept: Kept) -> None:
     """Run the pruned module once and compare every channel tensor's shape to the plan's."""
     propagate(gm, plan.example_inputs)
     originals = {n.name: shape(n) for n in plan.traced.graph.nodes}
@@ -179,7 +205,7 @@ def check_shapes(gm: fx.GraphModule, plan, removed: set) -> None:
         if not isinstance(out, ChannelInfo) or not is_tensor_shape(originals.get(node.name)):
             continue
         want = list(originals[node.name])
-        want[out.dim] = len(plan.kept_positions(out.units, removed))
+        want[out.dim] = kept.count(out.units)
         if tuple(want) != shape(node):
             raise VerificationError(
                 f"shape re-check failed at node {node.name!r}: planned {tuple(want)}, got {shape(node)}")
@@ -195,19 +221,18 @@ def apply(plan) -> fx.GraphModule:
         >>> fxprune.apply(p).get_submodule("0").out_channels
         4
     """
-    removed = plan.removed_roots()
-    slices = _planned_slices(plan, removed)
+    kept = Kept(plan, plan.removed_roots())
+    slices = _planned_slices(plan, kept)
     gm = _copy_sharing(plan.traced, slices if not plan.edits else [])
     gm.meta.pop("fxprune", None)
     try:
         _apply_edits(gm, plan.edits)
-        _slice_tensors(gm, slices, _module_widths(plan, removed))
-        finish(gm, graph_changed=_rewrite_literals(gm, plan, removed))
+        _slice_tensors(gm, slices, _module_widths(plan, kept))
+        finish(gm, graph_changed=_rewrite_literals(gm, plan, kept))
     except (StageError, VerificationError):
         raise
     except Exception as err:
         raise StageError("rewrite", None, f"{type(err).__name__}: {err}") from err
-    check_shapes(gm, plan, removed)
-    plan.__dict__.pop("_kept_cache", None)  # per-apply memo of kept positions (see Plan.kept_positions)
+    check_shapes(gm, plan, kept)
     gm.meta["fxprune"] = plan
     return gm
