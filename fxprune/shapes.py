@@ -1,6 +1,8 @@
 """Stage 2: one shape-propagation pass; every later stage reads shapes from node meta."""
 from __future__ import annotations
 
+import operator
+import types
 import warnings
 from typing import Any
 
@@ -32,13 +34,21 @@ class _Recorder(ShapeProp):
         return result
 
 
+def _empty(like: torch.Tensor, shape: Any) -> torch.Tensor:
+    """An empty tensor of ``like``'s dtype and device (``new_empty`` is a Python reference on meta)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
 def _same(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+    return _empty(x, x.shape)  # empty_like's meta kernel would also work out a memory format
 
 
 def _params_fit(m: torch.nn.Module, x: torch.Tensor, shape: tuple, names: tuple = ("weight", "bias")) -> bool:
-    return all(getattr(m, n, None) is None or (tuple(getattr(m, n).shape) == shape and getattr(m, n).dtype == x.dtype)
-               for n in names)
+    for name in names:
+        value = getattr(m, name, None)
+        if value is not None and (tuple(value.shape) != shape or value.dtype != x.dtype):
+            return False
+    return True
 
 
 def _batch_norm(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -68,29 +78,149 @@ def _linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     w = m.weight
     if x.dim() >= 1 and w.dim() == 2 and x.shape[-1] == w.shape[1] == m.in_features \
             and w.shape[0] == m.out_features and w.dtype == x.dtype and _params_fit(m, x, (m.out_features,), ("bias",)):
-        return x.new_empty((*x.shape[:-1], m.out_features))
+        return _empty(x, (*x.shape[:-1], m.out_features))
     return None
+
+
+def _conv(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Conv1d/2d/3d output shape, after the kernel's checks (channels, groups, weight and bias
+    shapes, dtype); None (the meta kernel decides) for anything unusual, e.g. unbatched input."""
+    n, w = len(m.kernel_size), m.weight
+    if w is None or x.dim() != n + 2 or x.shape[1] != m.in_channels or m.in_channels % m.groups \
+            or m.out_channels % m.groups or w.dtype != x.dtype \
+            or tuple(w.shape) != (m.out_channels, m.in_channels // m.groups, *m.kernel_size):
+        return None
+    if not _params_fit(m, x, (m.out_channels,), ("bias",)):  # the meta kernel does not check the bias
+        raise ValueError(f"conv bias of shape {tuple(m.bias.shape)} for {m.out_channels} output channels")
+    spatial = []
+    for i, size in enumerate(x.shape[2:]):
+        if m.padding == "same":
+            out = size
+        else:
+            pad = 0 if m.padding == "valid" else m.padding[i]
+            out = (size + 2 * pad - m.dilation[i] * (m.kernel_size[i] - 1) - 1) // m.stride[i] + 1
+        if out <= 0:
+            return None
+        spatial.append(out)
+    return _empty(x, (x.shape[0], m.out_channels, *spatial))
+
+
+def _adaptive_pool(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """AdaptiveAvg/MaxPool (returning values only) on a batched input."""
+    spatial = x.dim() - 2
+    size = m.output_size if isinstance(m.output_size, tuple) else (m.output_size,) * spatial
+    if spatial < 1 or len(size) != spatial or getattr(m, "return_indices", False) or 0 in x.shape[1:]:
+        return None
+    return _empty(x, (*x.shape[:2], *(x.shape[2 + i] if s is None else s for i, s in enumerate(size))))
 
 
 # Output of a module from its input's meta tensor, after the checks its kernel would make; None
 # defers to the meta kernel. These modules' meta kernels (decompositions, for norms above all)
-# cost far more than the shapes they return.
+# cost far more than the shapes they return. Keyed by exact type: a subclass may change forward.
 _SHAPE_RULES = {
     torch.nn.BatchNorm1d: _batch_norm, torch.nn.BatchNorm2d: _batch_norm, torch.nn.BatchNorm3d: _batch_norm,
     torch.nn.LayerNorm: _layer_norm, torch.nn.GroupNorm: _group_norm, torch.nn.Linear: _linear,
+    torch.nn.Conv1d: _conv, torch.nn.Conv2d: _conv, torch.nn.Conv3d: _conv,
+    torch.nn.AdaptiveAvgPool1d: _adaptive_pool, torch.nn.AdaptiveAvgPool2d: _adaptive_pool,
+    torch.nn.AdaptiveAvgPool3d: _adaptive_pool,
     **{cls: lambda _m, x: _same(x) for cls in (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU, torch.nn.Hardswish,
                                      torch.nn.Hardsigmoid, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Identity,
                                      torch.nn.Dropout, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.Mish)},
 }
 
 
-class _MetaRecorder(fx.Interpreter):
-    """Runs the graph on meta tensors (shapes and dtypes only) and records every node."""
+def _elementwise(a: Any, b: Any) -> torch.Tensor | None:
+    """A broadcasting arithmetic op on floating tensors of one dtype (or a tensor and a Python
+    number); None defers to the meta kernel (type promotion, integer tensors, ...)."""
+    tensors = [v for v in (a, b) if isinstance(v, torch.Tensor)]
+    if not tensors or any(not isinstance(v, (torch.Tensor, int, float)) or isinstance(v, bool) for v in (a, b)) \
+            or any(not t.is_floating_point() or t.dtype != tensors[0].dtype for t in tensors):
+        return None
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors)) if len(tensors) == 2 else tensors[0].shape
+    return _empty(tensors[0], shape)
 
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        _record(n, result)
-        return result
+
+_HASHABLE = (types.BuiltinFunctionType, types.FunctionType)
+
+def _binary(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    return _elementwise(*args) if len(args) == 2 and not kwargs else None
+
+
+def _cat(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``torch.cat`` of floating tensors of one dtype and rank, equal off the joined dim."""
+    if not args or set(kwargs) - {"dim"} or len(args) > 2 or (len(args) == 2 and kwargs):
+        return None
+    tensors, dim = args[0], (args[1] if len(args) == 2 else kwargs.get("dim", 0))
+    if not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int) \
+            or not all(isinstance(t, torch.Tensor) for t in tensors):
+        return None
+    first = tensors[0]
+    rank = first.dim()
+    if rank == 0 or not -rank <= dim < rank:
+        return None
+    dim %= rank
+    rest = [first.shape[:dim], first.shape[dim + 1:]]
+    if any(not t.is_floating_point() or t.dtype != first.dtype or t.dim() != rank
+           or [t.shape[:dim], t.shape[dim + 1:]] != rest for t in tensors):
+        return None
+    return _empty(first, (*rest[0], sum(t.shape[dim] for t in tensors), *rest[1]))
+
+
+_ATTENTION_KWARGS = {"key_padding_mask": None, "attn_mask": None, "is_causal": False}
+
+
+def _attention(m: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``nn.MultiheadAttention(q, k, v)`` without masks: the output and the averaged (or
+    per-head) weights, after the checks of its kernel on widths, heads and projections."""
+    if len(args) != 3 or set(kwargs) - {"need_weights", "average_attn_weights", *_ATTENTION_KWARGS} \
+            or any(kwargs.get(k, v) is not v for k, v in _ATTENTION_KWARGS.items()):
+        return None
+    q, k, v = args
+    e, heads = m.embed_dim, m.num_heads
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 3 and t.dtype == q.dtype and t.shape[-1] == e
+               for t in (q, k, v)) or not q.is_floating_point() or k.shape != v.shape \
+            or not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn or e % heads \
+            or (q.shape[0] != k.shape[0] if m.batch_first else q.shape[1] != k.shape[1]) \
+            or tuple(m.in_proj_weight.shape) != (3 * e, e) or m.in_proj_weight.dtype != q.dtype \
+            or (m.in_proj_bias is not None and tuple(m.in_proj_bias.shape) != (3 * e,)) \
+            or type(m.out_proj) is not torch.nn.modules.linear.NonDynamicallyQuantizableLinear \
+            or tuple(m.out_proj.weight.shape) != (e, e) or not _params_fit(m.out_proj, q, (e,), ("bias",)):
+        return None
+    out = _empty(q, q.shape)
+    if not kwargs.get("need_weights", True):
+        return out, None
+    (n, length), source = ((q.shape[0], q.shape[1]), k.shape[1]) if m.batch_first else ((q.shape[1], q.shape[0]), k.shape[0])
+    heads_dim = () if kwargs.get("average_attn_weights", True) else (heads,)
+    return out, _empty(q, (n, *heads_dim, length, source))
+
+
+# Ops whose meta kernels (Python references with type promotion and checks) cost ~0.1 ms each:
+# (args, kwargs) -> output or None (the meta kernel decides).
+_FUNCTION_RULES = {operator.add: _binary, operator.mul: _binary, operator.sub: _binary,
+                   operator.truediv: _binary, torch.add: _binary, torch.mul: _binary, torch.cat: _cat}
+_METHOD_RULES = {"add": _binary, "mul": _binary, "sub": _binary, "div": _binary}
+# Modules called with several inputs: (module, args, kwargs) -> output or None.
+_MODULE_CALL_RULES = {torch.nn.MultiheadAttention: _attention}
+
+
+class _MetaRecorder(fx.Interpreter):
+    """Runs the graph on meta tensors (shapes and dtypes only) and records every node.
+
+    A module with a shape rule is not run; any other module runs on meta copies of its own
+    parameters and buffers (``torch.func.functional_call``; the module keeps its tensors)."""
+
+    def run(self, *args: Any) -> Any:
+        """``fx.Interpreter.run`` without its per-node progress bar, current-node context and
+        garbage collection (meta tensors hold no memory); the first failure ends the run."""
+        env = self.env = {}
+        self.args_iter = iter(args)
+        for node in self.graph.nodes:
+            args, kwargs = self.fetch_args_kwargs_from_env(node)
+            env[node] = value = getattr(self, node.op)(node.target, args, kwargs)
+            _record(node, value)
+            if node.op == "output":
+                return value
+        return None
 
     def call_module(self, target, args, kwargs) -> Any:
         module = self.fetch_attr(target)
@@ -100,23 +230,30 @@ class _MetaRecorder(fx.Interpreter):
             out = rule(module, args[0])
             if out is not None:
                 return out
-        return super().call_module(target, args, kwargs)
+        call_rule = _MODULE_CALL_RULES.get(type(module))
+        out = call_rule(module, args, kwargs) if call_rule is not None else None
+        if out is not None:
+            return out
+        state = {k: torch.empty_like(v, device="meta")
+                 for k, v in (*module.named_parameters(remove_duplicate=False),
+                              *module.named_buffers(remove_duplicate=False))}
+        if not state:
+            return module(*args, **kwargs)
+        return torch.func.functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
+
+    def call_function(self, target, args, kwargs) -> Any:
+        rule = _FUNCTION_RULES.get(target) if isinstance(target, _HASHABLE) else None
+        out = rule(args, kwargs) if rule is not None else None
+        return super().call_function(target, args, kwargs) if out is None else out
+
+    def call_method(self, target, args, kwargs) -> Any:
+        rule = _METHOD_RULES.get(target)
+        out = rule(args, kwargs) if rule is not None else None
+        return super().call_method(target, args, kwargs) if out is None else out
 
     def get_attr(self, target, args, kwargs) -> Any:
         value = super().get_attr(target, args, kwargs)
         return value.to("meta") if isinstance(value, torch.Tensor) else value
-
-
-class _MetaRun(torch.nn.Module):
-    """Holds the graph module as a submodule so ``torch.func.functional_call`` can swap every
-    parameter and buffer for a meta tensor while the recorder runs (the module keeps its own)."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__()
-        self.gm = gm
-
-    def forward(self, *inputs: Any) -> Any:
-        return _MetaRecorder(self.gm).run(*inputs)
 
 
 def _to_meta(value: Any) -> Any:
@@ -126,13 +263,10 @@ def _to_meta(value: Any) -> Any:
 def _meta_propagate(gm: fx.GraphModule, example_inputs: tuple) -> bool:
     """Shapes from meta tensors: no data, no fake-tensor bookkeeping, the fastest way; False
     when some op has no meta kernel or reads data (the caller then falls back)."""
-    state = {f"gm.{k}": torch.empty_like(v, device="meta")
-             for k, v in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))}
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.func.functional_call(_MetaRun(gm), state, tuple(_to_meta(t) for t in example_inputs),
-                                       tie_weights=False, strict=False)
+            _MetaRecorder(gm).run(*(_to_meta(t) for t in example_inputs))
     except Exception:
         return False
     return True
@@ -177,7 +311,8 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple, fake: bool = True) -> A
         (1, 8, 6, 6)
     """
     modes = [(m, m.training) for m in gm.modules()]
-    gm.eval()
+    for module, _ in modes:  # eval mode, as gm.eval() would set it, without its recursion
+        module.__dict__["training"] = False  # what Module.__setattr__ would do, without its checks
     if fake and (_meta_propagate(gm, example_inputs) or _fake_propagate(gm, example_inputs)):
         _restore(modes)
         return None
@@ -197,7 +332,7 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple, fake: bool = True) -> A
 def _restore(modes: list) -> None:
     """Put back every submodule's own train/eval flag (a model may mix them, e.g. frozen norms)."""
     for module, training in modes:
-        module.training = training
+        module.__dict__["training"] = training
 
 
 def shape(node: Any) -> Any:

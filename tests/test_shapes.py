@@ -106,3 +106,66 @@ def test_shape_shortcuts_still_catch_a_module_of_the_wrong_width(broken):
                            "layer_norm": ("3", "weight", (12,)), "group_norm": ("1", "bias", (6,))}[broken]
     setattr(gm.get_submodule(module), name, nn.Parameter(torch.randn(*shape)))
     assert not _meta_propagate(gm, x)
+
+
+@pytest.mark.parametrize("broken", ["conv_in", "conv_bias", "conv_groups"])
+def test_the_conv_shape_rule_still_catches_a_conv_of_the_wrong_width(broken):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2)).eval()
+    gm = trace(model)
+    x = (torch.randn(1, 3, 9, 9),)
+    assert _meta_propagate(gm, x)
+    module, name, shape = {"conv_in": ("1", "weight", (8, 3, 3, 3)), "conv_bias": ("0", "bias", (7,)),
+                           "conv_groups": ("1", "weight", (8, 8, 3, 3))}[broken]
+    setattr(gm.get_submodule(module), name, nn.Parameter(torch.randn(*shape)))
+    assert not _meta_propagate(gm, x)
+
+
+class Convs(nn.Module):
+    """Conv padding modes and strings, dilation, stride, 1d/3d, adaptive pools, cat and arithmetic."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2, padding_mode="reflect")
+        self.b = nn.Conv2d(3, 4, (3, 5), padding="same")
+        self.c = nn.Conv2d(3, 4, 3, padding="valid", bias=False)
+        self.d = nn.Conv1d(3, 6, 2, stride=3)
+        self.e = nn.Conv3d(1, 2, (1, 2, 3))
+        self.pool = nn.AdaptiveAvgPool2d((None, 2))
+
+    def forward(self, x):
+        a, b, c = self.a(x), self.b(x), self.c(x)
+        joined = torch.cat([b, b * 2.0], dim=-3) - 1
+        d = self.d(x.flatten(2))
+        e = self.e(x[:, :1].unsqueeze(1))
+        return self.pool(a), joined.div(b.sum()), c + c[:, :1], d, e
+
+
+@pytest.mark.parametrize("side", [7, 10])
+def test_shape_rules_equal_a_real_run(side):
+    gm = trace(Convs())
+    inputs = (torch.randn(2, 3, side, side + 1),)
+    assert _meta_propagate(gm, inputs)
+    assert _recorded(gm) == _real(gm, inputs)
+
+
+class Attention(nn.Module):
+    def __init__(self, batch_first: bool, need_weights: bool, average: bool):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.options = dict(need_weights=need_weights, average_attn_weights=average)
+
+    def forward(self, q, kv):
+        out, weights = self.mha(q, kv, kv, **self.options)
+        return out if weights is None else (out, weights)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights,average", [(False, True), (True, True), (True, False)])
+def test_the_attention_shape_rule_equals_a_real_run(batch_first, need_weights, average):
+    gm = trace(Attention(batch_first, need_weights, average).eval())
+    q, kv = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    kv = kv[:, :4] if batch_first else kv[:4]  # another source length
+    assert _meta_propagate(gm, (q, kv))
+    assert _recorded(gm) == _real(gm, (q, kv))
+    gm.get_submodule("mha").in_proj_weight = nn.Parameter(torch.randn(21, 8))
+    assert not _meta_propagate(gm, (q, kv))
