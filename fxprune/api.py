@@ -13,6 +13,7 @@ from .budget import CostModel
 from .coupling.build import analyse
 from .coupling.groups import build_groups
 from .errors import FxPruneError, StageError
+from .gc_pause import paused_collector
 from .plan import Plan
 from .policy import Policy
 from .rewrite import apply
@@ -79,7 +80,7 @@ def plan(model: torch.nn.Module, policy: Policy, example_inputs: Any, *, leaf_mo
         ctx = importance_.ImportanceContext(gm, groups, inputs, calibration, loss_fn, policy,
                                             dict(importance_options or {}))
         scores = _score(groups, policy, ctx)
-    with _stage("select", timings):
+    with _stage("select", timings), paused_collector():
         policy = _selection_policy(policy, ctx)
         cost = None
         if policy.budget or policy.allocation == "cost":
@@ -115,15 +116,16 @@ def _selection_policy(policy: Policy, ctx: importance_.ImportanceContext) -> Pol
 def analyse_model(model: torch.nn.Module, policy: Policy, inputs: tuple, timings: dict,
                   leaf_modules: Iterable = (), concrete_args: dict | None = None) -> tuple:
     """Stages trace, shapes and coupling: ``(traced, analysis, groups, component map, channel index)``."""
-    with _stage("trace", timings):
-        gm = trace(model, leaf_modules, concrete_args)
-    with _stage("shapes", timings):
-        propagate(gm, inputs)
-    with _stage("coupling", timings):
-        an = analyse(gm)
-        modules = dict(gm.named_modules())
-        groups, comp_to_group, index = build_groups(
-            an, lambda owner: policy.ignores(owner, modules.get(owner)))
+    with paused_collector():
+        with _stage("trace", timings):
+            gm = trace(model, leaf_modules, concrete_args)
+        with _stage("shapes", timings):
+            propagate(gm, inputs)
+        with _stage("coupling", timings):
+            an = analyse(gm)
+            modules = dict(gm.named_modules())
+            groups, comp_to_group, index = build_groups(
+                an, lambda owner: policy.ignores(owner, modules.get(owner)))
     return gm, an, groups, comp_to_group, index
 
 

@@ -23,12 +23,21 @@ _IMMUTABLE = (int, float, bool, complex, str, bytes, type(None), type, torch.dty
 
 
 _EMPTY_COPYABLE = (dict, collections.OrderedDict, set, list)
+_IMMUTABLE_TYPES = frozenset(t for t in _IMMUTABLE if t is not enum.Enum)
 
 
 def _immutable(value: Any) -> bool:
-    if isinstance(value, _IMMUTABLE):
+    kind = type(value)
+    if kind in _IMMUTABLE_TYPES:
         return True
-    return type(value) is tuple and all(_immutable(v) for v in value)
+    if kind is tuple:
+        return all(_immutable(v) for v in value)
+    return isinstance(value, _IMMUTABLE)
+
+
+def _copied_tensor(tensor: torch.Tensor, memo: dict) -> torch.Tensor:
+    hit = memo.get(id(tensor))
+    return copy.deepcopy(tensor, memo) if hit is None else hit
 
 
 def _default_protocol(cls: type) -> bool:
@@ -65,21 +74,36 @@ def copy_module(module: nn.Module, memo: dict) -> nn.Module:
     state = {}
     for key, value in module.__dict__.items():
         if key in ("_parameters", "_buffers"):
-            state[key] = {n: (None if t is None else copy.deepcopy(t, memo)) for n, t in value.items()}
+            state[key] = {n: (None if t is None else _copied_tensor(t, memo)) for n, t in value.items()}
         elif key == "_modules":
             state[key] = {n: (None if c is None else copy_module(c, memo)) for n, c in value.items()}
-        elif _immutable(value):
-            state[key] = value
         elif type(value) in _EMPTY_COPYABLE and not value:  # the hook tables of almost every module
             state[key] = type(value)()
+        elif _immutable(value):
+            state[key] = value
         else:
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)
     return new
 
 
+class _Body(nn.Module):
+    """A module whose ``__dict__`` is a copied GraphModule's, to build the copy from (as
+    ``GraphModule.__deepcopy__`` does)."""
+
+    def __init__(self, state: dict):
+        super().__init__()
+        self.__dict__ = state
+
+
+# State that GraphModule.__init__ does not carry over and GraphModule.__deepcopy__ does.
+_PRESERVED = ("_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+              "_replace_hooks", "_create_node_hooks", "_erase_node_hooks", "_deepcopy_hooks")
+
+
 def copy_graph_module(gm: fx.GraphModule, memo: dict | None = None) -> fx.GraphModule:
-    """A deep copy of ``gm``; tensors found in ``memo`` (by id) are mapped as it says.
+    """A deep copy of ``gm`` as a plain ``torch.fx.GraphModule`` with its code generated (also
+    when ``gm`` defers code generation); tensors found in ``memo`` (by id) are mapped as it says.
 
     Example:
         >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2)))
@@ -91,4 +115,10 @@ def copy_graph_module(gm: fx.GraphModule, memo: dict | None = None) -> fx.GraphM
     for child in gm._modules.values():
         if child is not None:
             copy_module(child, memo)
-    return copy.deepcopy(gm, memo)
+    state = copy.deepcopy(gm.__dict__, memo)
+    copied = fx.GraphModule(_Body(state), state["_graph"], type(gm).__name__)
+    for name in _PRESERVED:
+        if name in state:
+            setattr(copied, name, state[name])
+    copied.meta = state.get("meta", {})
+    return copied

@@ -41,8 +41,7 @@ def _lowest(g, s: torch.Tensor, ratio: float, policy: Policy) -> tuple[int, ...]
     keep = kept_width(g.size, min(max(ratio, 0.0), 1.0), policy.min_channels, policy.round_to,
                       floor=len(g.pinned))
     free = [c for c in range(g.size) if c not in g.pinned]
-    values = s.tolist()
-    order = sorted(free, key=lambda c: (values[c], c))
+    order = sorted(free, key=s.tolist().__getitem__)  # stable: ties go by channel index
     return tuple(sorted(order[: g.size - keep]))
 
 
@@ -194,8 +193,7 @@ def _keep_every_member(g, s: torch.Tensor, round_to: int | None = None) -> None:
         return
     removed = set(g.removed)
     values = s.tolist()
-    sets = [set(m.channels) for m in [*g.members, *g.params]]
-    sets = [m for m in sets if len(m) < g.size]
+    sets = [s for s in (set(m.channels) for m in [*g.members, *g.params]) if len(s) < g.size]
     restored = []
     for channels in sets:
         if channels <= removed:

@@ -11,6 +11,11 @@ import torch.fx as fx
 from .copying import copy_graph_module, copy_module
 from .errors import TraceError
 
+try:  # generates code on first use: a plan rarely runs its traced module, apply makes its own
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _TracedModule
+except ImportError:  # pragma: no cover - older or newer torch without it
+    _TracedModule = fx.GraphModule
+
 
 class LeafTracer(fx.Tracer):
     """A ``torch.fx.Tracer`` that also keeps the user's ``leaf_modules`` (types or names) as leaves.
@@ -92,7 +97,7 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable = (), concrete_args: di
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     private = structural_copy(model)
     if isinstance(model, fx.GraphModule) and not leaf_modules and not concrete_args:
-        gm = fx.GraphModule(private, copy.deepcopy(private.graph))
+        gm = _TracedModule(private, copy.deepcopy(private.graph), type(model).__name__)
     else:
         tracer = LeafTracer(leaf_modules)
         try:
@@ -108,7 +113,7 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable = (), concrete_args: di
             ) from err
         _bake_concrete_args(graph, concrete_args or {}, private)
         name = type(model).__name__
-        gm = fx.GraphModule(tracer.root, graph, name)
+        gm = _TracedModule(tracer.root, graph, name)
     gm._tracer_cls = gm.graph._tracer_cls = None  # pickles of the result must not need fxprune
     flags = {name: m.training for name, m in model.named_modules()}
     for name, m in gm.named_modules():  # every submodule keeps the model's own flag (mixed modes too)

@@ -12,6 +12,7 @@ from .slicers import fix_module, hyper_parameters, replace_tensor
 from ..coupling.rules import arg
 from ..coupling.state import ChannelInfo
 from ..errors import StageError, VerificationError
+from ..gc_pause import paused_collector
 from ..shapes import is_tensor_shape, propagate, shape
 
 
@@ -221,6 +222,11 @@ def apply(plan) -> fx.GraphModule:
         >>> fxprune.apply(p).get_submodule("0").out_channels
         4
     """
+    with paused_collector():
+        return _apply(plan)
+
+
+def _apply(plan) -> fx.GraphModule:
     kept = Kept(plan, plan.removed_roots())
     slices = _planned_slices(plan, kept)
     gm = _copy_sharing(plan.traced, slices if not plan.edits else [])
