@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import networkx as nx
+import torch
 
 from .state import Analysis, ChannelInfo
 
@@ -88,43 +89,78 @@ class Group:
         return head or f"group{self.id}"
 
 
-def channel_index(an: Analysis) -> dict[int, tuple[int, int]]:
-    """unit root -> (group id, channel index), numbered in atom creation order (deterministic)."""
-    component = {}
-    for cid, comp in enumerate(sorted(nx.connected_components(an.units.graph),
-                                      key=lambda c: min(an.units.atom_by_key[k].start for k in c))):
+class _Tables(NamedTuple):
+    index: dict[int, tuple[int, int]]  # unit root -> (component, channel)
+    component: list[int]               # by unit
+    channel: list[int]                 # by unit
+    sizes: dict[int, int]              # component -> channels
+
+
+def _channel_tables(an: Analysis) -> _Tables:
+    """Component and channel of every unit root and of every unit, and component sizes.
+
+    Components are numbered by their first atom; channels by root within a component (a root
+    is the smallest unit of its set, so this is the order in which the atoms first show them).
+    """
+    units = an.units
+    atom_position = {atom.key: i for i, atom in enumerate(units.atoms)}
+    comp_of_atom = [0] * len(units.atoms)
+    for cid, comp in enumerate(sorted(nx.connected_components(units.graph),
+                                      key=lambda c: min(units.atom_by_key[k].start for k in c))):
         for key in comp:
-            component[key] = cid
-    counters: dict[int, int] = {}
-    index: dict[int, tuple[int, int]] = {}
-    roots = an.units.roots()
-    for atom in an.units.atoms:
-        gid = component[atom.key]
-        for u in range(atom.start, atom.start + atom.size):
-            r = roots[u]
-            if r not in index:
-                index[r] = (gid, counters.get(gid, 0))
-                counters[gid] = counters.get(gid, 0) + 1
-    return index
+            comp_of_atom[atom_position[key]] = cid
+    labels = units.root_tensor()
+    if not len(labels):
+        return _Tables({}, [], [], {})
+    sizes = torch.tensor([atom.size for atom in units.atoms], dtype=torch.long)
+    comp_of_unit = torch.repeat_interleave(torch.tensor(comp_of_atom, dtype=torch.long), sizes)
+    roots = (labels == torch.arange(len(labels))).nonzero().squeeze(1)
+    comp = comp_of_unit[roots]
+    comp_sorted, order = torch.sort(comp, stable=True)  # roots stay ascending within a component
+    counts = torch.bincount(comp_sorted)
+    first = torch.cumsum(counts, 0) - counts
+    channel = torch.empty_like(roots)
+    channel[order] = torch.arange(len(roots)) - first[comp_sorted]
+    comp_of_root = torch.zeros_like(labels)
+    channel_of_root = torch.zeros_like(labels)
+    comp_of_root[roots], channel_of_root[roots] = comp, channel
+    index = dict(zip(roots.tolist(), zip(comp.tolist(), channel.tolist())))
+    sizes = dict(enumerate(counts.tolist()))
+    return _Tables(index, comp_of_root[labels].tolist(), channel_of_root[labels].tolist(), sizes)
 
 
-def _split_by_group(units, unit_index: list, memo: dict | None = None) -> dict[int, tuple[list, list]]:
-    """{group: (positions, channels)} of a units tuple (``unit_index[u]`` = (group, channel));
-    memoised by identity, since per-channel ops hand the same tuple from node to node."""
+def channel_index(an: Analysis) -> dict[int, tuple[int, int]]:
+    """unit root -> (group id, channel index), numbered in atom creation order (deterministic).
+
+    Example:
+        >>> import torch
+        >>> from fxprune.shapes import propagate
+        >>> from fxprune.coupling.build import analyse
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.Conv2d(2, 2, 1)))
+        >>> _ = propagate(gm, (torch.randn(1, 3, 4, 4),))
+        >>> sorted(channel_index(analyse(gm)).values())[:3]
+        [(0, 0), (0, 1), (0, 2)]
+    """
+    return _channel_tables(an).index
+
+
+def _split_by_group(units, tables: _Tables, memo: dict | None = None) -> dict[int, tuple[tuple, tuple]]:
+    """{component: (positions, channels)} of a units tuple; memoised by identity, since
+    per-channel ops hand the same tuple from node to node."""
     if memo is not None and id(units) in memo:
         return memo[id(units)][1]
-    entries = list(map(unit_index.__getitem__, units))
-    gids = {gid for gid, _ in entries}
-    if len(gids) == 1:  # the common case: one tensor, one group
-        out = {gids.pop(): (list(range(len(entries))), [ch for _, ch in entries])}
-        if memo is not None:
-            memo[id(units)] = (units, out)
-        return out
-    out: dict[int, tuple[list, list]] = {}
-    for pos, (gid, ch) in enumerate(entries):
-        entry = out.setdefault(gid, ([], []))
-        entry[0].append(pos)
-        entry[1].append(ch)
+    comps = list(map(tables.component.__getitem__, units))
+    channels = tuple(map(tables.channel.__getitem__, units))
+    found = set(comps)
+    if len(found) == 1:  # the common case: one tensor, one group
+        out = {found.pop(): (tuple(range(len(units))), channels)}
+    else:
+        lists: dict[int, tuple[list, list]] = {}
+        for pos, (gid, ch) in enumerate(zip(comps, channels)):
+            entry = lists.setdefault(gid, ([], []))
+            entry[0].append(pos)
+            entry[1].append(ch)
+        out = {gid: (tuple(pos), tuple(ch)) for gid, (pos, ch) in lists.items()}
     if memo is not None:
         memo[id(units)] = (units, out)  # keep the tuple alive so its id stays unique
     return out
@@ -138,24 +174,20 @@ def build_groups(an: Analysis, ignored: Callable[[str], bool]) -> tuple[list[Gro
     for ps in an.params.values():
         if ps.role != "consumer" and ignored(ps.owner):
             an.units.pin(ps.units, f"{ps.owner} is in policy.ignore")
-    index = channel_index(an)
-    unit_index = [index[r] for r in an.units.roots()]
+    tables = _channel_tables(an)
+    index, sizes = tables.index, tables.sizes
     memo: dict = {}
     params: dict[int, list[ParamMember]] = {}
     for ps in an.params.values():
-        for gid, (pos, ch) in _split_by_group(ps.units, unit_index, memo).items():
-            params.setdefault(gid, []).append(
-                ParamMember(ps.target, ps.dim, ps.role, ps.owner, tuple(pos), tuple(ch)))
+        for gid, (pos, ch) in _split_by_group(ps.units, tables, memo).items():
+            params.setdefault(gid, []).append(ParamMember(ps.target, ps.dim, ps.role, ps.owner, pos, ch))
     wanted = {gid for gid, ps in params.items() if any(p.role == "producer" for p in ps)}
-    sizes: dict[int, int] = {}
-    for gid, _ch in index.values():
-        sizes[gid] = sizes.get(gid, 0) + 1
     members: dict[int, list[Member]] = {gid: [] for gid in wanted}
     for name, info in an.info.items():
         if isinstance(info, ChannelInfo):
-            for gid, (pos, ch) in _split_by_group(info.units, unit_index, memo).items():
+            for gid, (pos, ch) in _split_by_group(info.units, tables, memo).items():
                 if gid in wanted:
-                    members[gid].append(Member(name, info.dim, tuple(pos), tuple(ch)))
+                    members[gid].append(Member(name, info.dim, pos, ch))
     pins: dict[int, dict[int, str]] = {}
     for root, why in an.units.resolved(an.units.pins).items():
         gid, ch = index[root]
