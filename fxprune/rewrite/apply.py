@@ -11,6 +11,7 @@ from .literals import rewrite as rewrite_literal
 from .slicers import fix_module, hyper_parameters, replace_tensor
 from ..coupling.rules import arg
 from ..coupling.state import ChannelInfo
+from ..coupling.units import long_tensor
 from ..errors import StageError, VerificationError
 from ..gc_pause import paused_collector
 from ..shapes import is_tensor_shape, propagate, shape
@@ -43,6 +44,14 @@ class Kept:
     def __init__(self, plan, removed: set[int]):
         self.dead = [r in removed for r in plan.analysis.units.roots()]
         self.memo: dict[int, tuple[tuple, list[int]]] = {}
+        self.indices: dict[int, tuple[tuple, torch.Tensor]] = {}
+
+    def index(self, units: tuple[int, ...]) -> torch.Tensor:
+        """Kept positions as a long tensor (for ``index_select``), memoised like ``positions``."""
+        hit = self.indices.get(id(units))
+        if hit is None or hit[0] is not units:
+            hit = self.indices[id(units)] = (units, long_tensor(self.positions(units)))
+        return hit[1]
 
     def positions(self, units: tuple[int, ...]) -> list[int]:
         hit = self.memo.get(id(units))
@@ -55,23 +64,23 @@ class Kept:
         return len(self.positions(units))
 
 
-def _planned_slices(plan, kept: Kept) -> list[tuple[str, int, list[int]]]:
+def _planned_slices(plan, kept: Kept) -> list[tuple[str, int, torch.Tensor]]:
     """(param target, dim, kept positions) for every parameter dim that loses channels."""
     out = []
     for (target, dim), ps in plan.analysis.params.items():
-        keep = kept.positions(ps.units)
-        if len(keep) != len(ps.units):
-            out.append((target, dim, keep))
+        if kept.count(ps.units) != len(ps.units):
+            out.append((target, dim, kept.index(ps.units)))
     return out
 
 
 def _copy_sharing(traced: fx.GraphModule, slices: list) -> fx.GraphModule:
     """Deep copy of ``traced`` that does not copy the tensors about to be sliced (they are
     replaced by fresh sliced tensors, so nothing stays shared)."""
+    modules = dict(traced.named_modules())
     memo = {}
     for target, _dim, _keep in slices:
-        owner, name = _owner(traced, target)
-        tensor = getattr(owner, name)
+        path, _, name = target.rpartition(".")
+        tensor = getattr(modules[path], name)
         memo[id(tensor)] = tensor
     return copy_graph_module(traced, memo)
 
@@ -88,17 +97,25 @@ def _module_widths(plan, kept: Kept) -> dict[str, int]:
 
 
 def _slice_tensors(gm: fx.GraphModule, slices: list, widths: dict[str, int]) -> None:
+    """Replace every sliced tensor by its kept part (all of its sliced dims at once), then let
+    each module's fixer update its size attributes."""
+    modules = dict(gm.named_modules())
     before = {}
     for target in widths:
-        owner = gm.get_submodule(target)
+        owner = modules[target]
         before[id(owner)] = (owner, {**hyper_parameters(owner), "kept": widths[target]})
-    for target, dim, keep in slices:
-        owner, name = _owner(gm, target)
+    by_tensor: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for target, dim, index in slices:
+        by_tensor.setdefault(target, []).append((dim, index))
+    for target, cuts in by_tensor.items():
+        path, _, name = target.rpartition(".")
+        owner = modules[path]
         if owner is not gm and id(owner) not in before:
             before[id(owner)] = (owner, hyper_parameters(owner))
-        tensor = getattr(owner, name)
-        index = torch.tensor(keep, dtype=torch.long, device=tensor.device)
-        replace_tensor(owner, name, tensor.detach().index_select(dim, index), copy=False)
+        tensor = getattr(owner, name).detach()
+        for dim, index in cuts:
+            tensor = tensor.index_select(dim, index.to(tensor.device))
+        replace_tensor(owner, name, tensor, copy=False)
     for owner, hp in before.values():
         fix_module(owner, hp)
 

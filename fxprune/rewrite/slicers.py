@@ -24,7 +24,10 @@ def replace_tensor(owner: nn.Module, name: str, value: torch.Tensor, copy: bool 
     old = getattr(owner, name)
     value = value.detach().clone().contiguous() if copy else value.detach().contiguous()
     if isinstance(old, nn.Parameter):
-        setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
+        if owner._parameters.get(name) is old:  # what setattr would do, without its checks
+            owner._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
+        else:
+            setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
     elif name in owner._buffers:
         owner._buffers[name] = value
     else:
@@ -130,7 +133,8 @@ SIZE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_featu
 
 def hyper_parameters(m: nn.Module) -> dict:
     """The size attributes a fixer may read as 'before' values."""
-    return {a: getattr(m, a) for a in SIZE_ATTRS if hasattr(m, a)}
+    state = m.__dict__  # size attributes are plain instance attributes (no Module.__getattr__)
+    return {a: state[a] for a in SIZE_ATTRS if a in state}
 
 
 def fix_module(m: nn.Module, before: dict) -> None:
