@@ -45,13 +45,11 @@ class Plan:
 
     def removed_roots(self) -> set[int]:
         """Union-find roots of every removed channel unit."""
-        removed = {g.id: set(g.removed) for g in self.groups if g.removed}
-        out = set()
-        for root, (comp, ch) in self.channel_of_root.items():
-            gi = self.group_of_component.get(comp)
-            if gi is not None and gi in removed and ch in removed[gi]:
-                out.add(root)
-        return out
+        root_of = self.__dict__.get("_root_of_channel")
+        if root_of is None:  # (component, channel) -> root, fixed once the plan is made
+            root_of = self.__dict__["_root_of_channel"] = {v: k for k, v in self.channel_of_root.items()}
+        component_of = {gi: comp for comp, gi in self.group_of_component.items()}
+        return {root_of[(component_of[g.id], ch)] for g in self.groups if g.removed for ch in g.removed}
 
     def kept_positions(self, units: tuple[int, ...], removed: set[int] | None = None) -> list[int]:
         """Positions of ``units`` whose channel survives."""

@@ -193,7 +193,8 @@ def _keep_every_member(g, s: torch.Tensor, round_to: int | None = None) -> None:
         return
     removed = set(g.removed)
     values = s.tolist()
-    sets = [s for s in (set(m.channels) for m in [*g.members, *g.params]) if len(s) < g.size]
+    distinct = {id(m.channels): m.channels for m in [*g.members, *g.params]}  # members share tuples
+    sets = [s for s in map(set, distinct.values()) if len(s) < g.size]
     restored = []
     for channels in sets:
         if channels <= removed:

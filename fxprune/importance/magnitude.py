@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .registry import register
+from ..coupling.units import long_tensor
 
 
 def producer_rows(group, ctx, role: str = "producer"):
@@ -15,7 +16,7 @@ def producer_rows(group, ctx, role: str = "producer"):
         if len(pm.positions) != w.shape[0]:
             w = w[list(pm.positions)]
         rows = w.reshape(len(pm.positions), -1)
-        yield rows, torch.tensor(pm.channels, dtype=torch.long)
+        yield rows, long_tensor(pm.channels)
 
 
 def reduce_rows(group, per_row: list, reduce: str = "mean") -> torch.Tensor:
