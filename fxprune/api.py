@@ -89,7 +89,7 @@ def plan(model: torch.nn.Module, policy: Policy, example_inputs: Any, *, leaf_mo
                 from .latency_lut import LatencyTable
                 lut = LatencyTable.build(gm, an, inputs, device=policy.device)
             cost = CostModel(gm, groups, an, lut)
-        selection = select(groups, scores, policy, cost, dict(gm.named_modules()))
+        selection = select(groups, scores, policy, cost, an.modules)
         if policy is not ctx.policy:
             selection["selection_policy"] = {k: v for k, v in policy.to_dict().items()
                                              if v != ctx.policy.to_dict().get(k)}
@@ -123,9 +123,8 @@ def analyse_model(model: torch.nn.Module, policy: Policy, inputs: tuple, timings
             propagate(gm, inputs)
         with _stage("coupling", timings):
             an = analyse(gm)
-            modules = dict(gm.named_modules())
             groups, comp_to_group, index = build_groups(
-                an, lambda owner: policy.ignores(owner, modules.get(owner)))
+                an, lambda owner: policy.ignores(owner, an.modules.get(owner)))
     return gm, an, groups, comp_to_group, index
 
 

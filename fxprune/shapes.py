@@ -223,7 +223,7 @@ class _MetaRecorder(fx.Interpreter):
         return None
 
     def call_module(self, target, args, kwargs) -> Any:
-        module = self.fetch_attr(target)
+        module = self.submodules.get(target) or self.fetch_attr(target)
         rule = _SHAPE_RULES.get(type(module))
         if rule is not None and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) \
                 and args[0].is_floating_point():
@@ -266,7 +266,7 @@ def _meta_propagate(gm: fx.GraphModule, example_inputs: tuple) -> bool:
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _MetaRecorder(gm).run(*(_to_meta(t) for t in example_inputs))
+            _MetaRecorder(gm, garbage_collect_values=False).run(*(_to_meta(t) for t in example_inputs))
     except Exception:
         return False
     return True

@@ -117,7 +117,7 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable = (), concrete_args: di
     gm._tracer_cls = gm.graph._tracer_cls = None  # pickles of the result must not need fxprune
     flags = {name: m.training for name, m in model.named_modules()}
     for name, m in gm.named_modules():  # every submodule keeps the model's own flag (mixed modes too)
-        m.training = flags.get(name, model.training)
+        m.__dict__["training"] = flags.get(name, model.training)  # as Module.__setattr__ would
     return gm
 
 

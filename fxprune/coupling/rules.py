@@ -5,6 +5,7 @@ returns the node's channel value (``ChannelInfo``, a tuple/dict of them, or None
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch.fx as fx
@@ -29,14 +30,26 @@ def norm_dim(d: int, nd: int) -> int:
     return d + nd if d < 0 else d
 
 
+_MODULE_TYPES: "weakref.WeakKeyDictionary[fx.Graph, dict[str, str]]" = weakref.WeakKeyDictionary()
+
+
+def _module_type(node: fx.Node) -> str | None:
+    """Class name of a call_module node's module (one table per graph: describe runs per node)."""
+    table = _MODULE_TYPES.get(node.graph)
+    if table is None:
+        owner = node.graph.owning_module
+        table = {} if owner is None else {name: type(m).__name__ for name, m in owner.named_modules()}
+        _MODULE_TYPES[node.graph] = table
+    return table.get(node.target)
+
+
 def describe(node: fx.Node) -> str:
     t = node.target
     name = t if isinstance(t, str) else getattr(t, "__name__", repr(t))
     if node.op == "call_module":
-        try:
-            name = f"{name} ({type(node.graph.owning_module.get_submodule(t)).__name__})"
-        except AttributeError:
-            pass
+        kind = _module_type(node)
+        if kind is not None:
+            name = f"{name} ({kind})"
     return f"{node.op} {name!s} at node {node.name!r}"
 
 
@@ -206,7 +219,7 @@ def contract(an: Analysis, node: fx.Node, x: Any, x_dim: int, weight: str, in_di
     if depthwise_mult:
         if v is None or v.dim != x_dim:
             return opaque(an, node, f"{why}: depthwise input channels are not on dim {x_dim}")
-        units = tuple(u for u in v.units for _ in range(depthwise_mult))
+        units = v.units if depthwise_mult == 1 else tuple(u for u in v.units for _ in range(depthwise_mult))
         an.slice_param(weight, out_dim, "producer", units, owner, why)
     else:
         if v is not None and v.dim == x_dim:

@@ -96,25 +96,34 @@ def _module_widths(plan, kept: Kept) -> dict[str, int]:
     return out
 
 
-def _slice_tensors(gm: fx.GraphModule, slices: list, widths: dict[str, int]) -> None:
-    """Replace every sliced tensor by its kept part (all of its sliced dims at once), then let
-    each module's fixer update its size attributes."""
+def _cut(modules: dict[str, torch.nn.Module], slices: list) -> dict[str, torch.Tensor]:
+    """The kept part of every sliced tensor (all of its sliced dims cut in one go), read from
+    the modules of ``modules`` (a ``named_modules`` table)."""
+    by_tensor: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for target, dim, index in slices:
+        by_tensor.setdefault(target, []).append((dim, index))
+    out = {}
+    for target, cuts in by_tensor.items():
+        path, _, name = target.rpartition(".")
+        tensor = getattr(modules[path], name).detach()
+        for dim, index in cuts:
+            tensor = tensor.index_select(dim, index.to(tensor.device))
+        out[target] = tensor
+    return out
+
+
+def _slice_tensors(gm: fx.GraphModule, cut: dict[str, torch.Tensor], widths: dict[str, int]) -> None:
+    """Put the cut tensors in place, then let each module's fixer update its size attributes."""
     modules = dict(gm.named_modules())
     before = {}
     for target in widths:
         owner = modules[target]
         before[id(owner)] = (owner, {**hyper_parameters(owner), "kept": widths[target]})
-    by_tensor: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for target, dim, index in slices:
-        by_tensor.setdefault(target, []).append((dim, index))
-    for target, cuts in by_tensor.items():
+    for target, tensor in cut.items():
         path, _, name = target.rpartition(".")
         owner = modules[path]
         if owner is not gm and id(owner) not in before:
             before[id(owner)] = (owner, hyper_parameters(owner))
-        tensor = getattr(owner, name).detach()
-        for dim, index in cuts:
-            tensor = tensor.index_select(dim, index.to(tensor.device))
         replace_tensor(owner, name, tensor, copy=False)
     for owner, hp in before.values():
         fix_module(owner, hp)
@@ -250,7 +259,7 @@ def _apply(plan) -> fx.GraphModule:
     gm.meta.pop("fxprune", None)
     try:
         _apply_edits(gm, plan.edits)
-        _slice_tensors(gm, slices, _module_widths(plan, kept))
+        _slice_tensors(gm, _cut(dict(gm.named_modules()), slices), _module_widths(plan, kept))
         finish(gm, graph_changed=_rewrite_literals(gm, plan, kept))
     except (StageError, VerificationError):
         raise
