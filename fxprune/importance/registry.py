@@ -35,9 +35,12 @@ class ImportanceContext:
 
     def param(self, target: str) -> torch.Tensor:
         """A parameter or buffer of the traced original, by qualified name (never edited)."""
-        *path, name = target.split(".")
-        owner = self.module.get_submodule(".".join(path)) if path else self.module
-        return getattr(owner, name)
+        path, _, name = target.rpartition(".")
+        owners = self.__dict__.get("_owners")
+        if owners is None:  # the traced module does not change while criteria read it
+            owners = self.__dict__["_owners"] = dict(self.module.named_modules())
+        owner = owners.get(path)
+        return getattr(owner if owner is not None else self.module.get_submodule(path), name)
 
     def current(self, target: str) -> torch.Tensor:
         """The parameter with the edits made so far by this plan's criterion (see ``plan.edits``)."""
