@@ -42,7 +42,10 @@ class Kept:
     """
 
     def __init__(self, plan, removed: set[int]):
-        self.dead = [r in removed for r in plan.analysis.units.roots()]
+        roots = plan.analysis.units.root_tensor()
+        dead_root = torch.zeros(len(roots), dtype=torch.bool)
+        dead_root[long_tensor(sorted(removed))] = True
+        self.dead = dead_root[roots].tolist()
         self.memo: dict[int, tuple[tuple, list[int]]] = {}
         self.indices: dict[int, tuple[tuple, torch.Tensor]] = {}
 
@@ -211,13 +214,14 @@ def _is_impure(node: fx.Node) -> bool:
 def finish(gm: fx.GraphModule, graph_changed: bool = True) -> fx.GraphModule:
     """The finish sequence of every rewrite: DCE, drop unused submodules, lint, recompile.
 
-    With ``graph_changed=False`` (only tensors were replaced) and nothing dead, the code
-    generated when the module was copied is still right and is kept.
+    With ``graph_changed=False`` (only tensors were replaced) and nothing dead, the graph is an
+    unchanged copy of torch.fx's trace (nothing to lint) and the code generated when it was
+    copied is kept.
     """
     unused = any(not n.users and n.op not in ("output", "placeholder") for n in gm.graph.nodes)
     removed = unused and gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
-    gm.graph.lint()
     if removed or graph_changed:
+        gm.graph.lint()
         gm.delete_all_unused_submodules()
         gm.recompile()
     return gm
