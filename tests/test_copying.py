@@ -1,4 +1,5 @@
 """The fast module copy returns what copy.deepcopy returns."""
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
@@ -87,3 +88,37 @@ def test_torch_nn_classes_with_compat_setstate_copy_like_deepcopy():
     assert torch.equal(fast(x), slow(x)) and torch.equal(fast(x), model(x))
     assert fast.rnn._flat_weights[0] is fast.rnn.weight_ih_l0 is not model.rnn.weight_ih_l0
     assert repr(fast) == repr(slow)
+
+
+def test_the_traced_module_generates_code_on_first_use_and_the_pruned_one_is_plain():
+    """The plan's traced module defers code generation (a prune never runs it); the pruned
+    module is an ordinary GraphModule with its code, so TorchScript and pickling work as usual."""
+    import gc
+    import pickle
+
+    import fxprune
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    plan = fxprune.plan(model, fxprune.Policy(ratio=0.5), (x,))
+    assert gc.isenabled()
+    with torch.no_grad():
+        assert torch.equal(plan.traced(x), model(x))
+    assert "conv1" in plan.traced.code
+    pruned = fxprune.apply(plan)
+    assert isinstance(pruned, torch.fx.GraphModule) and not isinstance(pruned, _LazyGraphModule)
+    assert "conv1" in pruned.code
+    assert torch.allclose(torch.jit.script(pruned)(x), pruned(x))
+    assert torch.allclose(pickle.loads(pickle.dumps(pruned))(x), pruned(x))
+
+
+def test_a_failing_prune_leaves_the_garbage_collector_on():
+    import gc
+
+    import fxprune
+    from fxprune.errors import FxPruneError
+
+    with pytest.raises(FxPruneError):
+        fxprune.plan(nn.Conv2d(3, 4, 3), fxprune.Policy(ratio=0.5), (torch.randn(1, 5, 8, 8),))
+    assert gc.isenabled()

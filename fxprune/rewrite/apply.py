@@ -53,18 +53,21 @@ class Kept:
         """Kept positions as a long tensor (for ``index_select``), memoised like ``positions``."""
         hit = self.indices.get(id(units))
         if hit is None or hit[0] is not units:
-            hit = self.indices[id(units)] = (units, long_tensor(self.positions(units)))
+            hit = self.indices[id(units)] = (units, long_tensor(self._kept(units)))
         return hit[1]
 
-    def positions(self, units: tuple[int, ...]) -> list[int]:
+    def _kept(self, units: tuple[int, ...]) -> list[int]:
         hit = self.memo.get(id(units))
         if hit is None or hit[0] is not units:
             dead = self.dead
             hit = self.memo[id(units)] = (units, [i for i, u in enumerate(units) if not dead[u]])
-        return list(hit[1])
+        return hit[1]
+
+    def positions(self, units: tuple[int, ...]) -> list[int]:
+        return list(self._kept(units))
 
     def count(self, units: tuple[int, ...]) -> int:
-        return len(self.positions(units))
+        return len(self._kept(units))
 
 
 def _planned_slices(plan, kept: Kept) -> list[tuple[str, int, torch.Tensor]]:
