@@ -45,11 +45,14 @@ class Plan:
 
     def removed_roots(self) -> set[int]:
         """Union-find roots of every removed channel unit."""
-        root_of = self.__dict__.get("_root_of_channel")
-        if root_of is None:  # (component, channel) -> root, fixed once the plan is made
-            root_of = self.__dict__["_root_of_channel"] = {v: k for k, v in self.channel_of_root.items()}
         component_of = {gi: comp for comp, gi in self.group_of_component.items()}
-        return {root_of[(component_of[g.id], ch)] for g in self.groups if g.removed for ch in g.removed}
+        by_component = self.analysis.roots_by_component
+        if by_component is None:  # (component, channel) -> root, fixed once the plan is made
+            root_of = self.__dict__.get("_root_of_channel")
+            if root_of is None:
+                root_of = self.__dict__["_root_of_channel"] = {v: k for k, v in self.channel_of_root.items()}
+            return {root_of[(component_of[g.id], ch)] for g in self.groups if g.removed for ch in g.removed}
+        return {by_component[component_of[g.id]][ch] for g in self.groups if g.removed for ch in g.removed}
 
     def kept_positions(self, units: tuple[int, ...], removed: set[int] | None = None) -> list[int]:
         """Positions of ``units`` whose channel survives."""

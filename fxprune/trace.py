@@ -72,7 +72,8 @@ def structural_copy(model: torch.nn.Module) -> torch.nn.Module:
         >>> c is not m, c.weight is m.weight
         (True, True)
     """
-    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    memo = {id(t): t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values())
+            if t is not None}
     if isinstance(model, fx.GraphModule):
         return copy_graph_module(model, memo)
     return copy_module(model, memo)

@@ -94,6 +94,7 @@ class _Tables(NamedTuple):
     component: list[int]               # by unit
     channel: list[int]                 # by unit
     sizes: dict[int, int]              # component -> channels
+    roots: dict[int, list[int]]        # component -> root of each channel
 
 
 def _channel_tables(an: Analysis) -> _Tables:
@@ -111,7 +112,7 @@ def _channel_tables(an: Analysis) -> _Tables:
             comp_of_atom[atom_position[key]] = cid
     labels = units.root_tensor()
     if not len(labels):
-        return _Tables({}, [], [], {})
+        return _Tables({}, [], [], {}, {})
     sizes = torch.tensor([atom.size for atom in units.atoms], dtype=torch.long)
     comp_of_unit = torch.repeat_interleave(torch.tensor(comp_of_atom, dtype=torch.long), sizes)
     roots = (labels == torch.arange(len(labels))).nonzero().squeeze(1)
@@ -126,7 +127,8 @@ def _channel_tables(an: Analysis) -> _Tables:
     comp_of_root[roots], channel_of_root[roots] = comp, channel
     index = dict(zip(roots.tolist(), zip(comp.tolist(), channel.tolist())))
     sizes = dict(enumerate(counts.tolist()))
-    return _Tables(index, comp_of_root[labels].tolist(), channel_of_root[labels].tolist(), sizes)
+    by_component = dict(zip(sizes, (part.tolist() for part in torch.split(roots[order], counts.tolist()))))
+    return _Tables(index, comp_of_root[labels].tolist(), channel_of_root[labels].tolist(), sizes, by_component)
 
 
 def channel_index(an: Analysis) -> dict[int, tuple[int, int]]:
@@ -175,6 +177,7 @@ def build_groups(an: Analysis, ignored: Callable[[str], bool]) -> tuple[list[Gro
         if ps.role != "consumer" and ignored(ps.owner):
             an.units.pin(ps.units, f"{ps.owner} is in policy.ignore")
     tables = _channel_tables(an)
+    an.roots_by_component = tables.roots
     index, sizes = tables.index, tables.sizes
     memo: dict = {}
     params: dict[int, list[ParamMember]] = {}

@@ -118,9 +118,10 @@ def _cut(modules: dict[str, torch.nn.Module], slices: list) -> dict[str, torch.T
     return out
 
 
-def _slice_tensors(gm: fx.GraphModule, cut: dict[str, torch.Tensor], widths: dict[str, int]) -> None:
-    """Put the cut tensors in place, then let each module's fixer update its size attributes."""
-    modules = dict(gm.named_modules())
+def _slice_tensors(gm: fx.GraphModule, cut: dict[str, torch.Tensor], widths: dict[str, int],
+                   modules: dict[str, torch.nn.Module]) -> None:
+    """Put the cut tensors in place, then let each module's fixer update its size attributes
+    (``modules``: ``gm``'s ``named_modules`` table)."""
     before = {}
     for target in widths:
         owner = modules[target]
@@ -266,7 +267,8 @@ def _apply(plan) -> fx.GraphModule:
     gm.meta.pop("fxprune", None)
     try:
         _apply_edits(gm, plan.edits)
-        _slice_tensors(gm, _cut(dict(gm.named_modules()), slices), _module_widths(plan, kept))
+        modules = dict(gm.named_modules())
+        _slice_tensors(gm, _cut(modules, slices), _module_widths(plan, kept), modules)
         finish(gm, graph_changed=_rewrite_literals(gm, plan, kept))
     except (StageError, VerificationError):
         raise
