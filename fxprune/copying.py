@@ -87,20 +87,6 @@ def copy_module(module: nn.Module, memo: dict) -> nn.Module:
     return new
 
 
-class _Body(nn.Module):
-    """A module whose ``__dict__`` is a copied GraphModule's, to build the copy from (as
-    ``GraphModule.__deepcopy__`` does)."""
-
-    def __init__(self, state: dict):
-        super().__init__()
-        self.__dict__ = state
-
-
-# State that GraphModule.__init__ does not carry over and GraphModule.__deepcopy__ does.
-_PRESERVED = ("_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-              "_replace_hooks", "_create_node_hooks", "_erase_node_hooks", "_deepcopy_hooks")
-
-
 def copy_graph_module(gm: fx.GraphModule, memo: dict | None = None) -> fx.GraphModule:
     """A deep copy of ``gm`` as a plain ``torch.fx.GraphModule`` with its code generated (also
     when ``gm`` defers code generation); tensors found in ``memo`` (by id) are mapped as it says.
@@ -116,9 +102,8 @@ def copy_graph_module(gm: fx.GraphModule, memo: dict | None = None) -> fx.GraphM
         if child is not None:
             copy_module(child, memo)
     state = copy.deepcopy(gm.__dict__, memo)
-    copied = fx.GraphModule(_Body(state), state["_graph"], type(gm).__name__)
-    for name in _PRESERVED:
-        if name in state:
-            setattr(copied, name, state[name])
-    copied.meta = state.get("meta", {})
+    copied = fx.GraphModule.__new__(fx.GraphModule)  # a class of its own, as GraphModule() makes
+    copied.__dict__.update(state)  # the module tree was copied whole: no attribute walk needed
+    copied.__class__.__name__ = type(gm).__name__
+    copied.graph = state["_graph"]  # owning module, code generation
     return copied
