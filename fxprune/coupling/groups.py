@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections.abc import Iterator, Mapping
 from typing import Callable, NamedTuple
 
 import networkx as nx
@@ -89,8 +91,36 @@ class Group:
         return head or f"group{self.id}"
 
 
+class ChannelOfRoot(Mapping):
+    """unit root -> (component, channel), read from the per-unit tables (no dict of every root).
+
+    Example:
+        >>> m = ChannelOfRoot([0, 0, 1, 0], [0, 1, 0, 1], {0: [0, 1], 1: [2]})
+        >>> m[2], 3 in m, list(m), len(m)
+        ((1, 0), False, [0, 1, 2], 3)
+    """
+
+    def __init__(self, component: list[int], channel: list[int], roots: dict[int, list[int]]):
+        self._component, self._channel, self._roots = component, channel, roots
+
+    def __getitem__(self, root: int) -> tuple[int, int]:
+        if not isinstance(root, int) or not 0 <= root < len(self._component):
+            raise KeyError(root)
+        comp, ch = self._component[root], self._channel[root]
+        roots = self._roots.get(comp, ())
+        if ch >= len(roots) or roots[ch] != root:
+            raise KeyError(root)
+        return comp, ch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(itertools.chain.from_iterable(self._roots.values())))
+
+    def __len__(self) -> int:
+        return sum(map(len, self._roots.values()))
+
+
 class _Tables(NamedTuple):
-    index: dict[int, tuple[int, int]]  # unit root -> (component, channel)
+    index: ChannelOfRoot               # unit root -> (component, channel)
     component: list[int]               # by unit
     channel: list[int]                 # by unit
     sizes: dict[int, int]              # component -> channels
@@ -125,13 +155,14 @@ def _channel_tables(an: Analysis) -> _Tables:
     comp_of_root = torch.zeros_like(labels)
     channel_of_root = torch.zeros_like(labels)
     comp_of_root[roots], channel_of_root[roots] = comp, channel
-    index = dict(zip(roots.tolist(), zip(comp.tolist(), channel.tolist())))
     sizes = dict(enumerate(counts.tolist()))
     by_component = dict(zip(sizes, (part.tolist() for part in torch.split(roots[order], counts.tolist()))))
-    return _Tables(index, comp_of_root[labels].tolist(), channel_of_root[labels].tolist(), sizes, by_component)
+    component, channel_of_unit = comp_of_root[labels].tolist(), channel_of_root[labels].tolist()
+    index = ChannelOfRoot(component, channel_of_unit, by_component)
+    return _Tables(index, component, channel_of_unit, sizes, by_component)
 
 
-def channel_index(an: Analysis) -> dict[int, tuple[int, int]]:
+def channel_index(an: Analysis) -> ChannelOfRoot:
     """unit root -> (group id, channel index), numbered in atom creation order (deterministic).
 
     Example:

@@ -78,7 +78,7 @@ class UnitTable:
     """
 
     def __init__(self) -> None:
-        self.parent: list[int] = []
+        self._parent: list[int] | None = []  # None: read it from _labels
         self.atom_index: list[int] = []
         self.atoms: list[Atom] = []
         self.atom_by_key: dict[Hashable, Atom] = {}
@@ -91,11 +91,12 @@ class UnitTable:
     def new_atom(self, key: Hashable, size: int, kind: str) -> tuple[int, ...]:
         if key in self.atom_by_key:
             key = (key, len(self.atoms))
-        start = len(self.parent)
+        parent = self.parent
+        start = len(parent)
         atom = Atom(key, kind, start, size)
         self.atoms.append(atom)
         self.atom_by_key[key] = atom
-        self.parent.extend(range(start, start + size))
+        parent.extend(range(start, start + size))
         self.atom_index.extend([len(self.atoms) - 1] * size)
         self.graph.add_node(key, kind=kind, size=size)
         self._labels = None
@@ -110,9 +111,8 @@ class UnitTable:
         for x, y in pending:
             a.extend(x)
             b.extend(y)
-        labels = _resolve(long_tensor(self.parent), long_tensor(a), long_tensor(b))
-        self.parent = labels.tolist()
-        self._labels = labels
+        self._labels = _resolve(self.root_tensor(flush=False), long_tensor(a), long_tensor(b))
+        self._parent = None  # the list form is made when asked for
 
     def find(self, u: int) -> int:
         self._flush()
@@ -134,7 +134,14 @@ class UnitTable:
         self._flush()
         return self.parent
 
-    def root_tensor(self) -> torch.Tensor:
+    @property
+    def parent(self) -> list[int]:
+        """Every unit's parent (after a flush: its root), as a list."""
+        if self._parent is None:
+            self._parent = self._labels.tolist()
+        return self._parent
+
+    def root_tensor(self, flush: bool = True) -> torch.Tensor:
         """``roots()`` as a long tensor.
 
         Example:
@@ -144,9 +151,10 @@ class UnitTable:
             >>> t.root_tensor().tolist()
             [0, 1, 0, 1]
         """
-        self._flush()
-        if self._labels is None or len(self._labels) != len(self.parent):
-            self._labels = long_tensor(self.parent)
+        if flush:
+            self._flush()
+        if self._labels is None:
+            self._labels = long_tensor(self._parent)
         return self._labels
 
     def atom_of(self, u: int) -> Atom:
@@ -191,8 +199,10 @@ class UnitTable:
 
     def resolved(self, marks: dict[int, str]) -> dict[int, str]:
         """Marks re-keyed by their unit's root."""
-        roots = self.roots()
+        if not marks:
+            return {}
+        roots = self.root_tensor()[long_tensor(list(marks))].tolist()
         out: dict[int, str] = {}
-        for u, why in marks.items():
-            out.setdefault(roots[u], why)
+        for root, why in zip(roots, marks.values()):
+            out.setdefault(root, why)
         return out
