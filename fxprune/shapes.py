@@ -301,7 +301,9 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple, fake: bool = True) -> A
 
     Shapes come from meta tensors when every op has a meta kernel (fastest: no data), else from
     fake tensors, else from one real run in eval mode without grad, which then also returns the
-    outputs.
+    outputs. On meta tensors, the common modules and ops (convolutions, norms, Linear,
+    activations, adaptive pools, attention, cat, broadcasting arithmetic) use shape rules that
+    make their kernels' checks on widths, groups, weights and dtypes without running them.
     Inputs the model rejects raise ``InputError`` carrying the model's own message.
 
     Example:
