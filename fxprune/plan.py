@@ -6,6 +6,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
+from .coupling.groups import ChannelOfRoot
 from .coupling.state import Analysis, ChannelInfo
 from .policy import Policy
 
@@ -38,7 +39,8 @@ class Plan:
     example_inputs: tuple
     analysis: Analysis = dataclasses.field(repr=False)
     group_of_component: dict = dataclasses.field(repr=False, default_factory=dict)
-    channel_of_root: dict = dataclasses.field(repr=False, default_factory=dict)
+    channel_of_root: ChannelOfRoot = dataclasses.field(repr=False,
+                                                       default_factory=lambda: ChannelOfRoot([], [], {}))
     edits: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     selection: dict = dataclasses.field(default_factory=dict)
@@ -46,13 +48,8 @@ class Plan:
     def removed_roots(self) -> set[int]:
         """Union-find roots of every removed channel unit."""
         component_of = {gi: comp for comp, gi in self.group_of_component.items()}
-        by_component = self.analysis.roots_by_component
-        if by_component is None:  # (component, channel) -> root, fixed once the plan is made
-            root_of = self.__dict__.get("_root_of_channel")
-            if root_of is None:
-                root_of = self.__dict__["_root_of_channel"] = {v: k for k, v in self.channel_of_root.items()}
-            return {root_of[(component_of[g.id], ch)] for g in self.groups if g.removed for ch in g.removed}
-        return {by_component[component_of[g.id]][ch] for g in self.groups if g.removed for ch in g.removed}
+        root = self.channel_of_root.root
+        return {root(component_of[g.id], ch) for g in self.groups if g.removed for ch in g.removed}
 
     def kept_positions(self, units: tuple[int, ...], removed: set[int] | None = None) -> list[int]:
         """Positions of ``units`` whose channel survives."""

@@ -194,7 +194,7 @@ def _keep_every_member(g, s: torch.Tensor, round_to: int | None = None) -> None:
     removed = set(g.removed)
     values = s.tolist()
     distinct = {id(m.channels): m.channels for m in [*g.members, *g.params]}  # members share tuples
-    sets = [s for s in map(set, distinct.values()) if len(s) < g.size]
+    sets = [chans for chans in map(set, distinct.values()) if len(chans) < g.size]
     restored = []
     for channels in sets:
         if channels <= removed:

@@ -140,8 +140,6 @@ def _elementwise(a: Any, b: Any) -> torch.Tensor | None:
     return _empty(tensors[0], shape)
 
 
-_HASHABLE = (types.BuiltinFunctionType, types.FunctionType)
-
 def _binary(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return _elementwise(*args) if len(args) == 2 and not kwargs else None
 
@@ -196,6 +194,7 @@ def _attention(m: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
 
 # Ops whose meta kernels (Python references with type promotion and checks) cost ~0.1 ms each:
 # (args, kwargs) -> output or None (the meta kernel decides).
+_HASHABLE = (types.BuiltinFunctionType, types.FunctionType)  # targets that may key _FUNCTION_RULES
 _FUNCTION_RULES = {operator.add: _binary, operator.mul: _binary, operator.sub: _binary,
                    operator.truediv: _binary, torch.add: _binary, torch.mul: _binary, torch.cat: _cat}
 _METHOD_RULES = {"add": _binary, "mul": _binary, "sub": _binary, "div": _binary}
@@ -223,7 +222,9 @@ class _MetaRecorder(fx.Interpreter):
         return None
 
     def call_module(self, target, args, kwargs) -> Any:
-        module = self.submodules.get(target) or self.fetch_attr(target)
+        module = self.submodules.get(target)
+        if module is None:
+            module = self.fetch_attr(target)
         rule = _SHAPE_RULES.get(type(module))
         if rule is not None and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) \
                 and args[0].is_floating_point():
@@ -252,8 +253,7 @@ class _MetaRecorder(fx.Interpreter):
         return super().call_method(target, args, kwargs) if out is None else out
 
     def get_attr(self, target, args, kwargs) -> Any:
-        value = super().get_attr(target, args, kwargs)
-        return value.to("meta") if isinstance(value, torch.Tensor) else value
+        return _to_meta(super().get_attr(target, args, kwargs))
 
 
 def _to_meta(value: Any) -> Any:

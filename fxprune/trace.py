@@ -117,14 +117,8 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable = (), concrete_args: di
         gm = _TracedModule(tracer.root, graph, name)
     gm._tracer_cls = gm.graph._tracer_cls = None  # pickles of the result must not need fxprune
     flags = {name: m.training for name, m in model.named_modules()}
-    modes = set(flags.values())
-    if len(modes) == 1:  # one mode throughout: no need to match names
-        mode = modes.pop()
-        for m in gm.modules():
-            m.__dict__["training"] = mode  # as Module.__setattr__ would
-    else:  # every submodule keeps the model's own flag (mixed modes, e.g. frozen norms)
-        for name, m in gm.named_modules():
-            m.__dict__["training"] = flags.get(name, model.training)
+    for name, m in gm.named_modules():  # every submodule keeps the model's own flag (mixed modes too)
+        m.__dict__["training"] = flags.get(name, model.training)  # as Module.__setattr__ would
     return gm
 
 

@@ -118,13 +118,21 @@ class ChannelOfRoot(Mapping):
     def __len__(self) -> int:
         return sum(map(len, self._roots.values()))
 
+    def root(self, component: int, channel: int) -> int:
+        """The root unit of ``channel`` in ``component`` (the inverse lookup).
+
+        Example:
+            >>> ChannelOfRoot([0, 0, 1, 0], [0, 1, 0, 1], {0: [0, 1], 1: [2]}).root(1, 0)
+            2
+        """
+        return self._roots[component][channel]
+
 
 class _Tables(NamedTuple):
     index: ChannelOfRoot               # unit root -> (component, channel)
     component: list[int]               # by unit
     channel: list[int]                 # by unit
     sizes: dict[int, int]              # component -> channels
-    roots: dict[int, list[int]]        # component -> root of each channel
 
 
 def _channel_tables(an: Analysis) -> _Tables:
@@ -142,7 +150,7 @@ def _channel_tables(an: Analysis) -> _Tables:
             comp_of_atom[atom_position[key]] = cid
     labels = units.root_tensor()
     if not len(labels):
-        return _Tables({}, [], [], {}, {})
+        return _Tables(ChannelOfRoot([], [], {}), [], [], {})
     sizes = torch.tensor([atom.size for atom in units.atoms], dtype=torch.long)
     comp_of_unit = torch.repeat_interleave(torch.tensor(comp_of_atom, dtype=torch.long), sizes)
     roots = (labels == torch.arange(len(labels))).nonzero().squeeze(1)
@@ -159,7 +167,7 @@ def _channel_tables(an: Analysis) -> _Tables:
     by_component = dict(zip(sizes, (part.tolist() for part in torch.split(roots[order], counts.tolist()))))
     component, channel_of_unit = comp_of_root[labels].tolist(), channel_of_root[labels].tolist()
     index = ChannelOfRoot(component, channel_of_unit, by_component)
-    return _Tables(index, component, channel_of_unit, sizes, by_component)
+    return _Tables(index, component, channel_of_unit, sizes)
 
 
 def channel_index(an: Analysis) -> ChannelOfRoot:
@@ -208,7 +216,6 @@ def build_groups(an: Analysis, ignored: Callable[[str], bool]) -> tuple[list[Gro
         if ps.role != "consumer" and ignored(ps.owner):
             an.units.pin(ps.units, f"{ps.owner} is in policy.ignore")
     tables = _channel_tables(an)
-    an.roots_by_component = tables.roots
     index, sizes = tables.index, tables.sizes
     memo: dict = {}
     params: dict[int, list[ParamMember]] = {}

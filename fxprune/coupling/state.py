@@ -62,7 +62,6 @@ class Analysis:
         self.mask_sites: set[tuple[str, int]] = set()
         self.module_widths: dict[str, tuple[int, ...]] = {}
         self.literals: dict[str, tuple[str, Any]] = {}
-        self.roots_by_component: dict[int, list[int]] | None = None  # set when groups are built
 
     # -- values -------------------------------------------------------------------------
     def value(self, arg: Any) -> Any:

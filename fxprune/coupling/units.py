@@ -116,10 +116,7 @@ class UnitTable:
 
     def find(self, u: int) -> int:
         self._flush()
-        parent = self.parent
-        while parent[u] != u:  # units created since the last flush are their own roots
-            u = parent[u]
-        return u
+        return self.parent[u]  # flushed entries are roots; units created since are their own
 
     def roots(self) -> list[int]:
         """The root of every unit, by unit id (the smallest unit of its set).
