@@ -23,6 +23,23 @@ class TraceError(FxPruneError):
     """
 
 
+class ModelError(FxPruneError, ValueError):
+    """The model has a feature fxprune cannot prune exactly (hooks, legacy spectral/weight norm,
+    some parametrizations, quantized modules, meta tensors); raised before capture.
+
+    ``problems`` lists ``(where, what to do)`` for each module found.
+
+    Example:
+        >>> err = ModelError("cannot prune", [("'conv' (Conv2d)", "forward hooks ...")])
+        >>> isinstance(err, FxPruneError), err.problems[0][0]
+        (True, "'conv' (Conv2d)")
+    """
+
+    def __init__(self, message: str, problems: list | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
 class InputError(FxPruneError, ValueError):
     """The example inputs were rejected by the model (the model's own message is kept)."""
 
@@ -47,3 +64,34 @@ class StageError(FxPruneError):
 
 class VerificationError(FxPruneError):
     """The pruned model does not match the mask oracle, or its shapes are not the planned ones."""
+
+
+class PolicyNameError(PolicyError):
+    """A module name or name pattern in ``Policy.ignore`` / ``Policy.overrides`` matches no module
+    of the model (or names a container, whose children it would not reach).
+
+    ``problems`` maps each offending entry to the closest module names of the model.
+
+    Example:
+        >>> err = PolicyNameError("ignore names 'fc2', no module of the model", {"fc2": ["fc"]})
+        >>> isinstance(err, PolicyError), err.problems
+        (True, {'fc2': ['fc']})
+    """
+
+    def __init__(self, message: str, problems: dict | None = None):
+        super().__init__(message)
+        self.problems = dict(problems or {})
+
+
+class BudgetWarning(UserWarning):
+    """A ``flops``/``params``/``latency`` budget could not be met; the message says what was
+    asked, what was reached and why. ``plan.selection["met"]`` is then False.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warnings.warn("params budget not met", BudgetWarning)
+        >>> caught[0].category.__name__
+        'BudgetWarning'
+    """

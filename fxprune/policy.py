@@ -47,7 +47,11 @@ class Policy:
         >>> Policy(ratio=1.5)
         Traceback (most recent call last):
         ...
-        fxprune.errors.PolicyError: ratio must be in [0, 1], got 1.5
+        fxprune.errors.PolicyError: ratio must be in [0, 1]; got 1.5 (float)
+        >>> Policy(exact_only="no")
+        Traceback (most recent call last):
+        ...
+        fxprune.errors.PolicyError: exact_only must be True or False (a bool); got 'no' (str)
     """
 
     importance: Any = "l1"
@@ -66,49 +70,20 @@ class Policy:
     device: str = "cpu"
 
     def __post_init__(self):
-        self._check_choices()
-        if isinstance(self.ignore, (str, type)):
-            object.__setattr__(self, "ignore", (self.ignore,))
-        else:
-            object.__setattr__(self, "ignore", tuple(self.ignore))
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
-            raise PolicyError(f"ratio must be a number in [0, 1], got {self.ratio!r}")
-        if not 0.0 <= float(self.ratio) <= 1.0:
-            raise PolicyError(f"ratio must be in [0, 1], got {self.ratio!r}")
-        if not isinstance(self.min_channels, int) or self.min_channels < 1:
-            raise PolicyError(f"min_channels must be an integer >= 1, got {self.min_channels!r}")
-        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
-            raise PolicyError(f"round_to must be None or an integer >= 1, got {self.round_to!r}")
-        for item in self.ignore:
-            if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, torch.nn.Module))):
-                raise PolicyError(
-                    f"ignore entries must be module names (str) or torch.nn.Module subclasses, got {item!r}")
+        for field, accepts, expected in _FIELD_RULES:
+            value = getattr(self, field)
+            if not accepts(value):
+                raise PolicyError(f"{field} {expected}; got {_shown(value)}")
+        if sum(getattr(self, f) is not None for f in ("flops", "params", "latency")) > 1:
+            raise PolicyError("give one budget: flops, params or latency")
+        object.__setattr__(self, "ignore", _checked_ignore(self.ignore))
+        object.__setattr__(self, "overrides", _checked_overrides(self.overrides))
         if isinstance(self.importance, str):
             from .importance.registry import check_name
             check_name(self.importance)
         elif not callable(self.importance):
-            raise PolicyError(f"importance must be a registered name or a callable, got {self.importance!r}")
-
-    def _check_choices(self) -> None:
-        for field, valid in (("scope", ("local", "global")), ("normalize", ("mean", "max", "lamp", "none")),
-                             ("allocation", ("uniform", "cost"))):
-            if getattr(self, field) not in valid:
-                raise PolicyError(f"{field} must be one of {', '.join(valid)}; got {getattr(self, field)!r}")
-        for field in ("flops", "params", "latency"):
-            value = getattr(self, field)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not 0.0 < float(value) <= 1.0):
-                raise PolicyError(f"{field} is the fraction to keep, in (0, 1]; got {value!r}")
-        if sum(getattr(self, f) is not None for f in ("flops", "params", "latency")) > 1:
-            raise PolicyError("give one budget: flops, params or latency")
-        items = self.overrides.items() if isinstance(self.overrides, dict) else self.overrides
-        pairs = tuple(items)
-        for key, ratio in pairs:
-            if not (isinstance(key, str) or (isinstance(key, type) and issubclass(key, torch.nn.Module))):
-                raise PolicyError(f"override keys are module names, name patterns or module types; got {key!r}")
-            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
-                raise PolicyError(f"override ratio for {key!r} must be in [0, 1]; got {ratio!r}")
-        object.__setattr__(self, "overrides", pairs)
+            raise PolicyError(f"importance must be a registered name (str) or a callable "
+                              f"(group, ctx) -> scores; got {_shown(self.importance)}")
 
     @property
     def budget(self) -> tuple[str, float] | None:
@@ -170,6 +145,88 @@ class Policy:
         out["ignore"] = [name(i) for i in self.ignore]
         out["overrides"] = [[name(k), r] for k, r in self.overrides]
         return out
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _fraction(v: Any) -> bool:
+    return v is None or (_is_number(v) and 0.0 < float(v) <= 1.0)
+
+
+def _one_of(*valid: str):
+    return lambda v: isinstance(v, str) and v in valid
+
+
+# (field, accepts(value), what it must be): checked in this order; ``importance``, ``ignore``
+# and ``overrides`` have checks of their own (they are also normalised).
+_FIELD_RULES = (
+    ("ratio", _is_number, "must be a number (int or float) in [0, 1]"),
+    ("ratio", lambda v: 0.0 <= float(v) <= 1.0, "must be in [0, 1]"),
+    ("min_channels", lambda v: _is_int(v) and v >= 1, "must be an integer >= 1 (an int, not a bool)"),
+    ("round_to", lambda v: v is None or (_is_int(v) and v >= 1),
+     "must be None or an integer >= 1 (an int, not a bool)"),
+    ("exact_only", lambda v: isinstance(v, bool), "must be True or False (a bool)"),
+    ("scope", _one_of("local", "global"), "must be one of local, global"),
+    ("normalize", _one_of("mean", "max", "lamp", "none"), "must be one of mean, max, lamp, none"),
+    ("allocation", _one_of("uniform", "cost"), "must be one of uniform, cost"),
+    ("flops", _fraction, "is the fraction to keep, in (0, 1], or None"),
+    ("params", _fraction, "is the fraction to keep, in (0, 1], or None"),
+    ("latency", _fraction, "is the fraction to keep, in (0, 1], or None"),
+    ("device", lambda v: isinstance(v, str) and bool(v), "must be a device name such as 'cpu' or 'cuda'"),
+)
+
+
+def _shown(value: Any) -> str:
+    """``repr`` of a rejected value with its type, so ``'no'`` and ``no`` are told apart."""
+    text = repr(value)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _is_key(key: Any) -> bool:
+    return isinstance(key, str) or (isinstance(key, type) and issubclass(key, torch.nn.Module))
+
+
+def _checked_ignore(ignore: Any) -> tuple:
+    """``ignore`` as a tuple of module names and ``torch.nn.Module`` subclasses."""
+    if isinstance(ignore, str) or (isinstance(ignore, type) and issubclass(ignore, torch.nn.Module)):
+        return (ignore,)
+    if not isinstance(ignore, (tuple, list, set, frozenset)):
+        raise PolicyError("ignore must be a module name, a torch.nn.Module subclass or a tuple/list "
+                          f"of those (() for none); got {_shown(ignore)}")
+    for item in ignore:
+        if not _is_key(item):
+            raise PolicyError("ignore entries must be module names (str) or torch.nn.Module "
+                              f"subclasses; got {_shown(item)}")
+    return tuple(ignore)
+
+
+def _checked_overrides(overrides: Any) -> tuple:
+    """``overrides`` as a tuple of ``(key, ratio)`` pairs."""
+    expected = ("overrides must be a dict {module name, name pattern or torch.nn.Module subclass: "
+                "ratio in [0, 1]} or a sequence of such (key, ratio) pairs")
+    if isinstance(overrides, dict):
+        pairs = tuple(overrides.items())
+    elif isinstance(overrides, (tuple, list)):
+        if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in overrides):
+            raise PolicyError(f"{expected}; got {_shown(overrides)}")
+        pairs = tuple(tuple(p) for p in overrides)
+    else:
+        raise PolicyError(f"{expected}; got {_shown(overrides)}")
+    for key, ratio in pairs:
+        if not _is_key(key):
+            raise PolicyError("override keys are module names, name patterns or torch.nn.Module "
+                              f"subclasses; got {_shown(key)}")
+        if not (_is_number(ratio) and 0.0 <= float(ratio) <= 1.0):
+            raise PolicyError(f"override ratio for {key!r} in overrides must be a number in [0, 1]; "
+                              f"got {_shown(ratio)}")
+    return pairs
 
 
 def kept_width(size: int, ratio: float, min_channels: int, round_to: int | None, floor: int = 0) -> int:
