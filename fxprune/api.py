@@ -14,6 +14,7 @@ from .coupling.build import analyse
 from .coupling.groups import build_groups
 from .errors import FxPruneError, StageError
 from .gc_pause import paused_collector
+from .model_checks import check_model, unwrap
 from .plan import Plan
 from .policy import Policy
 from .rewrite import apply
@@ -118,6 +119,7 @@ def analyse_model(model: torch.nn.Module, policy: Policy, inputs: tuple, timings
     """Stages trace, shapes and coupling: ``(traced, analysis, groups, component map, channel index)``."""
     with paused_collector():
         with _stage("trace", timings):
+            model = unwrap(model); check_model(model, leaf_modules)  # noqa: E702
             gm = trace(model, leaf_modules, concrete_args)
         with _stage("shapes", timings):
             propagate(gm, inputs)

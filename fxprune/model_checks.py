@@ -1,0 +1,206 @@
+"""Checks on the user's model before capture: what tracing would drop or fxprune cannot slice.
+
+Tracing keeps the computation of ``forward`` only. Some model features live outside it and
+would be lost silently (forward hooks on the root or on an inlined submodule), or rebuild a
+tensor on every call from tensors fxprune does not slice (legacy ``spectral_norm`` /
+``weight_norm``, parametrizations without ``right_inverse``), or are not float channels at all
+(FX-quantized models, parameters on the ``meta`` device). ``check_model`` refuses all of them
+with one ``ModelError`` that names each module and what to do; ``unwrap`` takes the model out
+of ``torch.compile``, ``DataParallel`` and ``DistributedDataParallel`` wrappers.
+
+Example:
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> check_model(unwrap(torch.nn.DataParallel(m))) is None
+    True
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import ModelError
+
+_QUANTIZED_PACKAGES = ("torch.ao.nn.quantized", "torch.ao.nn.qat", "torch.ao.nn.intrinsic.qat",
+                       "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized", "torch.nn.qat",
+                       "torch.nn.intrinsic.qat", "torch.nn.intrinsic.quantized", "torch.ao.quantization")
+_REMOVE_PARAMETRIZATION = ("torch.nn.utils.parametrize.remove_parametrizations(module, {name!r}, "
+                           "leave_parametrized=True)")
+
+
+def _wrapped(model: nn.Module) -> nn.Module | None:
+    """The module a wrapper holds, or None when ``model`` is no known wrapper."""
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return model._orig_mod
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    return None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` (``OptimizedModule._orig_mod``), ``nn.DataParallel`` and
+    ``DistributedDataParallel`` (``.module``) wrappers, through any nesting of them.
+
+    A wrapper with forward hooks of its own is refused (``ModelError``): they would be dropped.
+
+    Example:
+        >>> import torch
+        >>> inner = torch.nn.Linear(2, 2)
+        >>> unwrap(torch.nn.DataParallel(inner)) is inner, unwrap(inner) is inner
+        (True, True)
+    """
+    while isinstance(model, nn.Module):
+        inner = _wrapped(model)
+        if inner is None:
+            return model
+        problems = list(_hook_problems(model, f"the {type(model).__name__} wrapper", dropped=True))
+        if problems:
+            raise ModelError(_message(problems), problems)
+        model = inner
+    return model
+
+
+def _hook_names(hooks: dict) -> str:
+    names = [getattr(h, "__qualname__", None) or type(h).__name__ for h in hooks.values()]
+    return ", ".join(names)
+
+
+def _hook_problems(module: nn.Module, where: str, dropped: bool) -> Iterator[tuple[str, str]]:
+    """(module, problem) for each kind of forward hook on ``module``."""
+    tables = (("forward hook", module._forward_hooks), ("forward pre-hook", module._forward_pre_hooks))
+    for kind, hooks in tables:
+        if not hooks:
+            continue
+        why = ("tracing inlines this module's forward and drops its hooks" if dropped else
+               "fxprune cannot see what a hook computes, so the channels it touches cannot be "
+               "tracked and the pruned module would call it with fewer channels")
+        yield where, (f"{kind}s {_hook_names(hooks)}: {why}; remove them (handle.remove()) before "
+                      "pruning and register them again on the pruned model if needed")
+
+
+def _legacy_reparametrization(module: nn.Module) -> str | None:
+    """The advice for a legacy ``spectral_norm``/``weight_norm`` pre-hook, or None."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, SpectralNorm):
+            return (f"legacy torch.nn.utils.spectral_norm on {hook.name!r} rebuilds it from "
+                    f"{hook.name}_orig on every call; call torch.nn.utils.remove_spectral_norm(module, "
+                    f"{hook.name!r}) first and apply spectral norm again to the pruned model if you "
+                    "train it further")
+        if isinstance(hook, WeightNorm):
+            return (f"legacy torch.nn.utils.weight_norm on {hook.name!r} rebuilds it from "
+                    f"{hook.name}_g and {hook.name}_v on every call; call torch.nn.utils."
+                    f"remove_weight_norm(module, {hook.name!r}) first, or use "
+                    "torch.nn.utils.parametrizations.weight_norm, which fxprune prunes exactly")
+    return None
+
+
+def _parametrization_problems(module: nn.Module) -> Iterator[str]:
+    """Parametrizations fxprune cannot slice exactly: one without ``right_inverse`` cannot take
+    a sliced tensor; spectral norm and orthogonal maps change the values of a sliced tensor."""
+    from torch.nn.utils import parametrizations as P
+    from torch.nn.utils import parametrize
+    if not parametrize.is_parametrized(module):
+        return
+    for name, plist in module.parametrizations.items():
+        for p in plist:
+            fix = _REMOVE_PARAMETRIZATION.format(name=name)
+            if isinstance(p, (P._SpectralNorm, P._Orthogonal)):
+                what = "has another spectral norm" if isinstance(p, P._SpectralNorm) else "is not orthogonal"
+                yield (f"parametrization {type(p).__name__} of {name!r}: a sliced tensor {what}, so "
+                       f"pruning would change the kept channels; call {fix} first")
+            elif not hasattr(p, "right_inverse"):
+                yield (f"parametrization {type(p).__name__} of {name!r} has no right_inverse, so the "
+                       f"pruned tensor cannot be assigned to it; add right_inverse or call {fix} first")
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    from torch.ao.quantization import FakeQuantizeBase, ObserverBase
+    if isinstance(module, (ObserverBase, FakeQuantizeBase)):
+        return True
+    path = type(module).__module__
+    if any(path == p or path.startswith(p + ".") for p in _QUANTIZED_PACKAGES):
+        return True
+    return any(t.is_quantized for t in (*module._parameters.values(), *module._buffers.values())
+               if isinstance(t, torch.Tensor))
+
+
+def _module_problems(model: nn.Module, leaf_modules: Iterable) -> Iterator[tuple[str, str]]:
+    leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+    leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+    tracer = fx.Tracer()
+    for name, module in model.named_modules():
+        where = f"{name!r} ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
+        if _is_quantized(module):
+            yield where, ("quantized, QAT or observer module: fxprune prunes float models; prune the "
+                          "float model first, then quantize the pruned one")
+            continue
+        legacy = _legacy_reparametrization(module)
+        if legacy is not None:
+            yield where, legacy
+            continue
+        for problem in _parametrization_problems(module):
+            yield where, problem
+        leaf = bool(name) and (name in leaf_names or (leaf_types and isinstance(module, leaf_types))
+                               or tracer.is_leaf_module(module, name))
+        yield from _hook_problems(module, where, dropped=not leaf)
+
+
+def _meta_problems(model: nn.Module) -> Iterator[tuple[str, str]]:
+    names = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        yield "the model", (f"parameters/buffers on the 'meta' device have no values ({shown}); "
+                            "materialise them first, e.g. model.to_empty(device='cpu') then "
+                            "model.load_state_dict(weights)")
+
+
+def _global_hook_problems() -> Iterator[tuple[str, str]]:
+    from torch.nn.modules import module as M
+    for kind, hooks in (("forward hook", M._global_forward_hooks),
+                        ("forward pre-hook", M._global_forward_pre_hooks)):
+        if hooks:
+            yield "every module", (f"global {kind}s {_hook_names(hooks)} (torch.nn.modules.module."
+                                   f"register_module_{kind.replace(' ', '_').replace('-', '_')}): "
+                                   "tracing drops them; remove them before pruning")
+
+
+def _message(problems: list[tuple[str, str]]) -> str:
+    lines = [f"  {where}: {what}" for where, what in problems[:10]]
+    more = [f"  ... and {len(problems) - 10} more"] if len(problems) > 10 else []
+    return "\n".join(["fxprune cannot prune this model exactly as it is:", *lines, *more])
+
+
+def check_model(model: nn.Module, leaf_modules: Iterable = ()) -> None:
+    """Refuse, with one ``ModelError`` naming every module and what to do, a model whose pruned
+    copy would silently compute something else or crash on its first call:
+
+    - forward hooks and pre-hooks (on the root and inlined submodules tracing drops them; on
+      leaf modules fxprune cannot see what they compute), global forward hooks included;
+    - legacy ``torch.nn.utils.spectral_norm`` / ``weight_norm`` (pre-hooks that rebuild the
+      weight); parametrizations without ``right_inverse``, spectral-norm and orthogonal ones
+      (``parametrizations.weight_norm`` and invertible custom ones prune exactly);
+    - quantized, QAT and observer modules (FX or eager quantization);
+    - parameters or buffers on the ``meta`` device.
+
+    ``leaf_modules`` are the types or names the tracer keeps as leaves (besides torch.nn's).
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> _ = m.register_forward_hook(lambda mod, args, out: out * 2)
+        >>> try:
+        ...     check_model(m)
+        ... except ModelError as err:
+        ...     print(err.problems[0][0])
+        the model (Sequential)
+    """
+    if not isinstance(model, nn.Module):
+        return  # the capture stage says what it expected
+    problems = [*_meta_problems(model), *_global_hook_problems(), *_module_problems(model, leaf_modules)]
+    if problems:
+        raise ModelError(_message(problems), problems)
