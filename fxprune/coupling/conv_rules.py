@@ -21,6 +21,7 @@ Example:
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Sequence
 
 import torch.fx as fx
@@ -88,19 +89,42 @@ def conv_module(an: Analysis, node: fx.Node) -> Any:
 
 
 def conv_functional(an: Analysis, node: fx.Node, spatial: int, transposed: bool = False) -> Any:
-    """``F.conv*d`` / ``F.conv_transpose*d`` on ``get_attr`` weights, any ``groups``."""
+    """``F.conv*d`` / ``F.conv_transpose*d`` on ``get_attr`` weights (parameters or buffers, e.g. a
+    blur pool's fixed per-channel filter), any ``groups``. A depthwise ``groups`` written as a
+    literal is rewritten to the kept channel count; ``groups=x.shape[1]`` follows by itself."""
     groups = R.arg(node, 6, "groups", 1)
     if groups == 1 and not transposed:
         return R.conv_functional(an, node, spatial)
     weight, bias = R._functional_params(an, node, 2)
     x = R.arg(node, 0, "input")
+    follows = _reads_channels(groups, x)  # groups=x.shape[1]: depthwise at any width
+    if follows:
+        groups = an.shape(x)[1]
     if weight is None or not isinstance(groups, int) or R.ndim(an, x) != spatial + 2:
-        return R.opaque(an, node, f"{R.describe(node)}: weights must be get_attr parameters, groups an int")
+        return R.opaque(an, node, f"{R.describe(node)}: weights must be get_attr parameters, groups an "
+                                  "int or the input's channel count")
     w = an.param_tensor(weight).shape
     cin, cout = (w[0], w[1] * groups) if transposed else (w[1] * groups, w[0])
     if groups == 1:
         return R.contract(an, node, x, 1, weight, 0, 1, cout, bias, weight, 1)
     if groups == cin and (not transposed or cout == cin):
         mult = 1 if transposed else cout // cin
-        return R.contract(an, node, x, 1, weight, 1, 0, cout, bias, weight, 1, depthwise_mult=mult)
+        out = R.contract(an, node, x, 1, weight, 1, 0, cout, bias, weight, 1, depthwise_mult=mult)
+        v = an.tensor_info(x)
+        if isinstance(out, ChannelInfo) and v is not None and not follows:
+            an.rewrite_literal(node, "count", (6, "groups", v.units))  # a literal groups=C shrinks
+        return out
+    if follows:
+        return R.opaque(an, node, f"{R.describe(node)}: groups read from the input is not depthwise")
     return grouped(an, node, x, weight, bias, weight, groups, transposed, cin, cout)
+
+
+def _reads_channels(size: Any, x: Any) -> bool:
+    """True when ``size`` is ``x.shape[1]`` or ``x.size(1)`` (a run-time channel count of ``x``)."""
+    if not isinstance(size, fx.Node) or not isinstance(x, fx.Node):
+        return False
+    if size.op == "call_method" and size.target == "size":
+        return size.args[:1] == (x,) and R.arg(size, 1, "dim") == 1
+    src = size.args[0] if size.op == "call_function" and size.target is operator.getitem else None
+    return (isinstance(src, fx.Node) and src.op == "call_function" and src.target is getattr
+            and src.args == (x, "shape") and size.args[1] == 1)

@@ -12,7 +12,7 @@ from .slicers import fix_module, hyper_parameters, replace_tensor
 from ..coupling.rules import arg
 from ..coupling.state import ChannelInfo
 from ..coupling.units import long_tensor
-from ..errors import StageError, VerificationError
+from ..errors import InputError, StageError, VerificationError
 from ..gc_pause import paused_collector
 from ..shapes import is_tensor_shape, propagate, shape
 
@@ -27,6 +27,20 @@ def _apply_edits(gm: fx.GraphModule, edits: dict) -> None:
         owner, name = _owner(gm, target)
         old = getattr(owner, name)
         replace_tensor(owner, name, value.to(dtype=old.dtype, device=old.device))
+
+
+def _check_parametrized(owner: torch.nn.Module, name: str, tensor: torch.Tensor, target: str) -> None:
+    """A parametrized tensor takes the cut through its ``right_inverse``: it must read back as
+    the cut (a parametrization that changes sliced values would make the prune inexact)."""
+    from torch.nn.utils import parametrize
+    if not parametrize.is_parametrized(owner, name):
+        return
+    back = getattr(owner, name).detach()
+    eps = torch.finfo(tensor.dtype).eps if tensor.is_floating_point() else 0
+    if back.shape != tensor.shape or not torch.allclose(back, tensor, rtol=100 * eps, atol=0):
+        raise StageError("rewrite", target, f"the parametrization of {target} does not give back the "
+                                            "pruned tensor; remove it before pruning "
+                                            "(torch.nn.utils.parametrize.remove_parametrizations)")
 
 
 class Kept:
@@ -132,6 +146,7 @@ def _slice_tensors(gm: fx.GraphModule, cut: dict[str, torch.Tensor], widths: dic
         if owner is not gm and id(owner) not in before:
             before[id(owner)] = (owner, hyper_parameters(owner))
         replace_tensor(owner, name, tensor, copy=False)
+        _check_parametrized(owner, name, tensor, target)
     for owner, hp in before.values():
         fix_module(owner, hp)
 
@@ -147,8 +162,9 @@ def _rewrite_literals(gm: fx.GraphModule, plan, kept: Kept) -> bool:
         if node.name in plan.analysis.resized:
             _rewrite_split(node, info[node.name], kept)
             touched = True
-        elif node.target in ("view", "reshape", torch.reshape) and isinstance(info.get(node.name), ChannelInfo):
-            _rewrite_shape(node, info[node.name], plan, kept)
+        elif node.target in ("view", "reshape", torch.reshape):
+            out = info.get(node.name)
+            _rewrite_shape(node, out if isinstance(out, ChannelInfo) else None, plan, kept)
             touched = True
     return touched
 
@@ -185,24 +201,48 @@ def _follows(size: fx.Node, width: int, plan, kept: Kept) -> bool:
     return (src[1] + nd if src[1] < 0 else src[1]) == info.dim and kept.count(info.units) == width
 
 
-def _rewrite_shape(node: fx.Node, out: ChannelInfo, plan, kept: Kept) -> None:
+def _shrinks(size: fx.Node, plan, kept: Kept) -> bool | None:
+    """Whether a run-time size reads a channel dim that loses channels (None: not a plain size read)."""
+    src = _size_source(size)
+    if src is None or not isinstance(src[0], fx.Node) or not isinstance(src[1], int):
+        return None
+    info = plan.analysis.info.get(src[0].name)
+    nd = len(shape(src[0]) or ())
+    if not isinstance(info, ChannelInfo) or (src[1] + nd if src[1] < 0 else src[1]) != info.dim:
+        return False
+    return kept.count(info.units) != len(info.units)
+
+
+def _rewrite_shape(node: fx.Node, out: ChannelInfo | None, plan, kept: Kept) -> None:
     """The channel entry of a view/reshape becomes the kept width, unless it is -1 or a run-time
     size of a tensor with the same kept width (``x.shape[-1]`` of another space does not shrink
-    with this one: it becomes a literal)."""
-    width = kept.count(out.units)
+    with this one: it becomes a literal). Every other entry keeps its traced size: one that reads
+    a channel count that shrinks (``B, N, C = x.shape`` of a pruned ``x``, reused for a tensor whose
+    channels stay) becomes that traced size as a literal."""
+    traced = shape(node)
     rest = list(node.args[1:])
     packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
     dims = list(rest[0]) if packed else rest
     if "shape" in node.kwargs:
         dims, packed = list(node.kwargs["shape"]), None
-    size = dims[out.dim] if out.dim < len(dims) else -1
-    if isinstance(size, fx.Node) and not _follows(size, width, plan, kept) \
-            or isinstance(size, int) and size not in (-1, width):
-        dims[out.dim] = width
-        if packed is None:
-            node.kwargs = {**node.kwargs, "shape": tuple(dims)}
-        else:
-            node.args = (node.args[0], tuple(dims)) if packed else (node.args[0], *dims)
+    changed = False
+    if is_tensor_shape(traced) and len(traced) == len(dims):
+        for d, size in enumerate(dims):
+            if (out is None or d != out.dim) and isinstance(size, fx.Node) and _shrinks(size, plan, kept):
+                dims[d], changed = traced[d], True
+    if out is not None and out.dim < len(dims):
+        width = kept.count(out.units)
+        size = dims[out.dim]
+        if isinstance(size, fx.Node) and not _follows(size, width, plan, kept) \
+                and not (width == len(out.units) and _shrinks(size, plan, kept) is False) \
+                or isinstance(size, int) and size not in (-1, width):
+            dims[out.dim], changed = width, True
+    if not changed:
+        return
+    if packed is None:
+        node.kwargs = {**node.kwargs, "shape": tuple(dims)}
+    else:
+        node.args = (node.args[0], tuple(dims)) if packed else (node.args[0], *dims)
 
 
 def _is_impure(node: fx.Node) -> bool:
@@ -232,8 +272,16 @@ def finish(gm: fx.GraphModule, graph_changed: bool = True) -> fx.GraphModule:
 
 
 def check_shapes(gm: fx.GraphModule, plan, kept: Kept) -> None:
-    """Run the pruned module once and compare every channel tensor's shape to the plan's."""
-    propagate(gm, plan.example_inputs)
+    """Run the pruned module once and compare every channel tensor's shape to the plan's.
+
+    The example inputs ran through the original, so a failure here is fxprune's: a
+    ``StageError`` naming the pruned node that failed, never an input error."""
+    try:
+        propagate(gm, plan.example_inputs)
+    except InputError as err:
+        node, why = _failing_node(gm, plan.example_inputs)
+        raise StageError("rewrite", node, f"the pruned module fails its shape re-check: {why} "
+                                          "(an fxprune bug: please report it with the model)") from err
     originals = {n.name: shape(n) for n in plan.traced.graph.nodes}
     for node in gm.graph.nodes:
         out = plan.analysis.info.get(node.name)
@@ -244,6 +292,27 @@ def check_shapes(gm: fx.GraphModule, plan, kept: Kept) -> None:
         if tuple(want) != shape(node):
             raise VerificationError(
                 f"shape re-check failed at node {node.name!r}: planned {tuple(want)}, got {shape(node)}")
+
+
+def _failing_node(gm: fx.GraphModule, inputs: tuple) -> tuple[str | None, str]:
+    """(name, error) of the first node of ``gm`` that fails on ``inputs``."""
+    class Finder(fx.Interpreter):
+        failed: tuple[str | None, str] = (None, "no node failed on a second run")
+
+        def run_node(self, n: fx.Node):
+            try:
+                return super().run_node(n)
+            except Exception as err:
+                Finder.failed = (n.name, f"{n.format_node()} raised {type(err).__name__}: {err}")
+                raise
+
+    with torch.no_grad():
+        try:
+            Finder(gm).run(*inputs)
+        except Exception as err:
+            if Finder.failed[0] is None:
+                return None, f"{type(err).__name__}: {err}"
+    return Finder.failed
 
 
 def apply(plan) -> fx.GraphModule:
