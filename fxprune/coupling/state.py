@@ -62,6 +62,7 @@ class Analysis:
         self.mask_sites: set[tuple[str, int]] = set()
         self.module_widths: dict[str, tuple[int, ...]] = {}
         self.literals: dict[str, tuple[str, Any]] = {}
+        self._aliases: dict[str, tuple[str, ...]] | None = None
 
     # -- values -------------------------------------------------------------------------
     def value(self, arg: Any) -> Any:
@@ -105,10 +106,13 @@ class Analysis:
     def pin_args(self, node: fx.Node, reason: str) -> None:
         for arg in node.all_input_nodes:
             self.pin_value(self.value(arg), reason)
+        if node.op == "output":  # the last node: every use of every parameter has been seen
+            self.tie_aliases()
 
     # -- parameters ---------------------------------------------------------------------
     def slice_param(self, target: str, dim: int, role: str, units: Sequence[int], owner: str, why: str) -> None:
-        """Declare that ``target``'s ``dim`` follows ``units``; a second declaration couples them."""
+        """Declare that ``target``'s ``dim`` follows ``units``; a second declaration couples them,
+        and so does a declaration of a tied name of the same tensor (``dec.weight = emb.weight``)."""
         key = (target, dim)
         units = tuple(units)
         if key in self.params:
@@ -118,6 +122,52 @@ class Analysis:
                 prior.role = "producer"
         else:
             self.params[key] = ParamSlice(target, dim, role, units, owner)
+        for other in self.aliases().get(target, ()):
+            if other != target and (other, dim) in self.params:
+                self.units.union(self.params[(other, dim)].units, units, "shared",
+                                 f"{target} and {other} are one tensor ({why})")
+
+    def aliases(self) -> dict[str, tuple[str, ...]]:
+        """Every name of each parameter/buffer that has several (tied weights), by name.
+
+        Example:
+            >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+            >>> m[1].weight = m[0].weight
+            >>> Analysis(torch.fx.symbolic_trace(m)).aliases()["1.weight"]
+            ('0.weight', '1.weight')
+        """
+        if self._aliases is None:
+            names: dict[int, list[str]] = {}
+            for prefix, m in self.modules.items():
+                for name, t in (*m._parameters.items(), *m._buffers.items()):
+                    if t is not None:
+                        names.setdefault(id(t), []).append(f"{prefix}.{name}" if prefix else name)
+            self._aliases = {n: tuple(group) for group in names.values() if len(group) > 1 for n in group}
+        return self._aliases
+
+    def tie_aliases(self) -> None:
+        """Once every node is seen: a tied tensor is sliced once for all its names, so a dim that
+        one name slices and another used name does not (its op reads the whole tensor, e.g. an
+        opaque ``nn.Embedding`` sharing a decoder's weight) is pinned, and a name frozen by an op
+        fxprune cannot slice freezes every name of the tensor."""
+        aliases = self.aliases()
+        if not aliases:
+            return
+        used = {n.target for n in self.gm.graph.nodes if n.op in ("call_module", "get_attr")}
+        for group in set(aliases.values()):
+            frozen = next((self.frozen_params[n] for n in group if n in self.frozen_params), None)
+            dims = {d for (t, d) in self.params if t in group}
+            for n in group:
+                if frozen is not None:
+                    self.frozen_params.setdefault(n, frozen)
+                parts = n.split(".")
+                if not any(".".join(parts[:i]) in used for i in range(1, len(parts) + 1)):
+                    continue  # no node reads this name: nothing to keep consistent with
+                for d in dims:
+                    if (n, d) not in self.params:
+                        owner = next(o for o in group if (o, d) in self.params)
+                        self.units.pin(self.params[(owner, d)].units,
+                                       f"{owner} is tied to {n}, whose user reads all of dim {d}")
 
     def size_module(self, target: str, units: Sequence[int], why: str) -> None:
         """Declare that module ``target``'s size attributes follow ``units`` (needed when it has

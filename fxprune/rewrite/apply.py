@@ -7,6 +7,7 @@ import torch
 import torch.fx as fx
 
 from ..copying import copy_graph_module
+from . import tied
 from .literals import rewrite as rewrite_literal
 from .slicers import fix_module, hyper_parameters, replace_tensor
 from ..coupling.rules import arg
@@ -23,10 +24,12 @@ def _owner(gm: fx.GraphModule, target: str) -> tuple[torch.nn.Module, str]:
 
 
 def _apply_edits(gm: fx.GraphModule, edits: dict) -> None:
+    ties = tied.holders(dict(gm.named_modules())) if edits else {}
     for target, value in edits.items():
         owner, name = _owner(gm, target)
         old = getattr(owner, name)
         replace_tensor(owner, name, value.to(dtype=old.dtype, device=old.device))
+        tied.share(ties, old, owner, name)
 
 
 def _check_parametrized(owner: torch.nn.Module, name: str, tensor: torch.Tensor, target: str) -> None:
@@ -119,11 +122,8 @@ def _module_widths(plan, kept: Kept) -> dict[str, int]:
 def _cut(modules: dict[str, torch.nn.Module], slices: list) -> dict[str, torch.Tensor]:
     """The kept part of every sliced tensor (all of its sliced dims cut in one go), read from
     the modules of ``modules`` (a ``named_modules`` table)."""
-    by_tensor: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for target, dim, index in slices:
-        by_tensor.setdefault(target, []).append((dim, index))
     out = {}
-    for target, cuts in by_tensor.items():
+    for target, cuts in tied.merge_cuts(modules, slices).items():  # a tied tensor is cut once
         path, _, name = target.rpartition(".")
         tensor = getattr(modules[path], name).detach()
         for dim, index in cuts:
@@ -140,12 +140,17 @@ def _slice_tensors(gm: fx.GraphModule, cut: dict[str, torch.Tensor], widths: dic
     for target in widths:
         owner = modules[target]
         before[id(owner)] = (owner, {**hyper_parameters(owner), "kept": widths[target]})
+    ties = tied.holders(modules)
     for target, tensor in cut.items():
         path, _, name = target.rpartition(".")
         owner = modules[path]
-        if owner is not gm and id(owner) not in before:
-            before[id(owner)] = (owner, hyper_parameters(owner))
+        old = getattr(owner, name)
+        owners = [owner, *(m for m, _ in ties.get(id(old), ()) if m is not owner)]
+        for m in owners:
+            if m is not gm and id(m) not in before:
+                before[id(m)] = (m, hyper_parameters(m))
         replace_tensor(owner, name, tensor, copy=False)
+        tied.share(ties, old, owner, name)
         _check_parametrized(owner, name, tensor, target)
     for owner, hp in before.values():
         fix_module(owner, hp)
