@@ -15,8 +15,10 @@ from .coupling.groups import build_groups
 from .errors import FxPruneError, StageError
 from .gc_pause import paused_collector
 from .model_checks import check_model, unwrap
+from .input_check import check_arity
 from .plan import Plan
 from .policy import Policy
+from .policy_check import check_names
 from .rewrite import apply
 from .select import select
 from .shapes import propagate
@@ -74,6 +76,8 @@ def plan(model: torch.nn.Module, policy: Policy, example_inputs: Any, *, leaf_mo
     if not isinstance(policy, Policy):
         raise FxPruneError(f"policy must be a fxprune.Policy, got {type(policy).__name__}")
     inputs = check_inputs(example_inputs)
+    check_arity(model, inputs, concrete_args)
+    check_names(policy, model)
     timings: dict[str, float] = {}
     gm, an, groups, comp_to_group, index = analyse_model(model, policy, inputs, timings, leaf_modules,
                                                          concrete_args)

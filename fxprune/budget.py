@@ -128,3 +128,18 @@ def bisect(predicate, lo: float = 0.0, hi: float = 1.0, steps: int = 40) -> floa
 
 def is_close(a: float, b: float, tol: float) -> bool:
     return math.isclose(a, b, abs_tol=tol)
+
+
+BUDGET_TOLERANCE = 0.01
+"""A budget is met when what is kept is within this fraction *of the target* (relative): a
+target of 0.5 is met by 0.495..0.505, a target of 0.0001 only by 0.000099..0.000101."""
+
+
+def budget_met(achieved: float, target: float, rel_tol: float = BUDGET_TOLERANCE) -> bool:
+    """Whether the fraction ``achieved`` meets the budget ``target`` within ``rel_tol`` of the target.
+
+    Example:
+        >>> budget_met(0.503, 0.5), budget_met(0.52, 0.5), budget_met(0.0002, 0.0001)
+        (True, False, False)
+    """
+    return abs(achieved - target) <= rel_tol * target + 1e-12

@@ -112,11 +112,15 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple]:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    import warnings
     import fxprune
+    from .errors import BudgetWarning
     from .report import size_report, size_table
     model, inputs = load_model(args)
     policy = policy_from_args(args)
-    pruned = fxprune.transform(model, policy, inputs)
+    with warnings.catch_warnings():  # a missed budget is said once, below, with exit code 3
+        warnings.simplefilter("ignore", BudgetWarning)
+        pruned = fxprune.transform(model, policy, inputs)
     report = size_report(pruned)
     check = fxprune.verify(pruned)
     report["oracle"] = {"max_error": check.max_error, "ok": check.ok, "exact": check.exact}
@@ -132,6 +136,11 @@ def _prune(args: argparse.Namespace) -> int:
               f" plan+apply {sum(report['timings'].values()):.2f}s")
         if args.out:
             print(f"saved to {args.out}  (reload: torch.load({args.out!r}, weights_only=False))")
+    sel = pruned.meta["fxprune"].selection
+    if check.ok and sel.get("met") is False:
+        print(f"fxprune: budget not met: asked to keep {sel['target']:.2%} of the {sel['metric']}, reached "
+              f"{sel['achieved']:.2%}: {sel.get('reason', '')}", file=sys.stderr)
+        return 3
     return 0 if check.ok else 1
 
 

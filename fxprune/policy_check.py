@@ -15,6 +15,7 @@ from typing import Any, Collection, Mapping
 import torch
 
 from .errors import PolicyNameError
+from .input_check import inner_model
 
 
 def _is_pattern(key: str) -> bool:
@@ -37,7 +38,7 @@ def check_names(policy, modules: torch.nn.Module | Mapping[str, Any] | Collectio
     """Raise :class:`fxprune.errors.PolicyNameError` when a name in ``policy.ignore`` or a name
     or pattern in ``policy.overrides`` matches no module of the model, or names a container.
 
-    ``modules`` is the model, a mapping name -> module (``dict(model.named_modules())``) or a
+    ``modules`` is the model (inside ``torch.compile``/``DataParallel`` wrappers), a mapping name -> module (``dict(model.named_modules())``) or a
     collection of names (containers are then not detected); anything else is not checked
     (tracing rejects a model that is no ``torch.nn.Module``). The error lists every offending entry with the
     closest module names (``difflib.get_close_matches``).
@@ -52,7 +53,7 @@ def check_names(policy, modules: torch.nn.Module | Mapping[str, Any] | Collectio
         fxprune.errors.PolicyNameError: ignore: 'l' is no module of the model (module names look like '0', '1')
     """
     if isinstance(modules, torch.nn.Module):
-        table = dict(modules.named_modules())
+        table = dict(inner_model(modules).named_modules())
     elif isinstance(modules, Mapping):
         table = dict(modules)
     elif isinstance(modules, (list, tuple, set, frozenset)):

@@ -8,11 +8,12 @@ by its minimum width, rounding and unremovable channels, and a clamp is reported
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
-from .budget import CostModel, bisect
-from .errors import StageError
+from .budget import CostModel, bisect, budget_met
+from .errors import BudgetWarning, StageError
 from .policy import Policy, kept_width
 from .select_keys import group_weights, normalised
 
@@ -120,15 +121,37 @@ def select(groups: list, scores: dict[int, torch.Tensor], policy: Policy, cost: 
         removal = _top_up(chooser.removal(knob), chooser, cost, metric, target)
         achieved = cost.fractions(removal)[metric]
         summary.update(metric=metric, target=target, achieved=achieved, knob=knob,
-                       met=abs(achieved - target) <= 0.01)
+                       met=budget_met(achieved, target))
     for g in eligible:
         g.removed = removal[g.id]
         _note_clamp(g, policy, chooser, summary)
         _keep_every_member(g, scores[g.id], policy.round_to)
     if policy.budget is not None:
         summary["achieved"] = cost.fractions({g.id: g.removed for g in eligible})[summary["metric"]]
-        summary["met"] = abs(summary["achieved"] - summary["target"]) <= 0.01
+        summary["met"] = budget_met(summary["achieved"], summary["target"])
+        if not summary["met"]:
+            _warn_budget(summary, cost, cost.fractions(chooser.removal(hi))[summary["metric"]])
     return summary
+
+
+def _warn_budget(summary: dict, cost: CostModel, most: float) -> None:
+    """Say why a budget was missed (``summary["reason"]``) and warn with :class:`BudgetWarning`.
+
+    ``most`` is the fraction kept when every removable channel goes."""
+    metric, target, achieved = summary["metric"], summary["target"], summary["achieved"]
+    if achieved < target:
+        why = "overrides remove more than the budget allows (overridden groups keep their ratio)"
+    elif most > target * 1.01:
+        fixed = {"params": cost.fixed_params / max(cost.total_params, 1),
+                 "macs": cost.fixed_macs / max(cost.total_macs, 1)}.get(metric)
+        where = f"; {fixed:.1%} of the {metric} sit in layers no group can shrink" if fixed else ""
+        why = (f"removing every removable channel still keeps {most:.2%}{where} (channels reaching an "
+               "output, blocked, ignored or overridden groups, min_channels and round_to keep the rest)")
+    else:
+        why = "the channel steps are too coarse to land closer (small layers or round_to)"
+    summary["reason"] = why
+    warnings.warn(BudgetWarning(f"{metric} budget not met: asked to keep {target:.2%}, reached "
+                                f"{achieved:.2%}: {why}"), stacklevel=4)
 
 
 def _top_up(removal: dict, chooser: _Selector, cost: CostModel, metric: str, target: float,

@@ -45,12 +45,24 @@ def _leaves(value: Any) -> list[torch.Tensor]:
 
 @dataclasses.dataclass
 class Verification:
-    """The oracle's verdict: ``max_error`` is the largest relative error over all outputs."""
+    """The oracle's verdict: ``max_error`` is the largest relative error over all outputs.
+
+    ``compared`` counts the output tensors compared. Nothing compared is no evidence: when the
+    model returns no tensor (``None``, a shape, an int), ``ok`` is False, ``max_error`` is NaN
+    and ``reason`` says why; ``reason`` also explains other failures ("" when ``ok``).
+
+    Example:
+        >>> v = Verification(False, float("nan"), 1e-4, True, 0, "the model returned no tensor")
+        >>> bool(v), v.reason
+        (False, 'the model returned no tensor')
+    """
 
     ok: bool
     max_error: float
     tolerance: float
     exact: bool
+    compared: int = 0
+    reason: str = ""
 
     def __bool__(self) -> bool:
         return self.ok
@@ -90,7 +102,9 @@ def verify(pruned: fx.GraphModule, inputs: tuple | None = None, plan=None, toler
            raise_on_failure: bool = False) -> Verification:
     """Check a pruned model against the mask oracle (eval mode, no grad, on private copies).
 
-    The tolerance defaults to 1e-9 for float64 outputs and 1e-4 otherwise.
+    The tolerance defaults to 1e-9 for float64 outputs and 1e-4 otherwise. A model that returns
+    no tensor cannot be checked: the result is then not ok (``max_error`` NaN, ``reason`` says
+    so), and ``raise_on_failure=True`` raises ``VerificationError`` with the reason.
 
     Example:
         >>> import fxprune, torch
@@ -110,8 +124,24 @@ def verify(pruned: fx.GraphModule, inputs: tuple | None = None, plan=None, toler
     leaves = _leaves(expected)
     if tolerance is None:
         tolerance = 1e-9 if leaves and all(t.dtype == torch.float64 for t in leaves) else 1e-4
-    err = relative_error(got, expected)
-    result = Verification(err <= tolerance, err, tolerance, plan.exact)
+    if not leaves:
+        result = Verification(False, float("nan"), tolerance, plan.exact, 0,
+                              f"nothing to compare: the model returned no tensor (got {_kind(expected)})")
+    else:
+        err = relative_error(got, expected)
+        why = "" if err <= tolerance else (
+            f"outputs differ in number or shape from the mask oracle's ({_kind(got)} vs {_kind(expected)})"
+            if err == float("inf") else f"relative error {err:.3g} > tolerance {tolerance:g}")
+        result = Verification(err <= tolerance, err, tolerance, plan.exact, len(leaves), why)
     if raise_on_failure and not result.ok:
-        raise VerificationError(f"pruned model differs from the mask oracle: relative error {err:.3g} > {tolerance:g}")
+        verdict = "does not match" if result.compared else "cannot be checked against"
+        raise VerificationError(f"pruned model {verdict} the mask oracle: {result.reason}")
     return result
+
+
+def _kind(value: Any) -> str:
+    """A short description of an output: its type and, for containers, the tensor count."""
+    if not isinstance(value, (list, tuple, dict)):
+        return type(value).__name__
+    n = len(_leaves(value))
+    return f"{type(value).__name__} with {n} tensor{'s' * (n != 1)}"
