@@ -94,6 +94,9 @@ def select(groups: list, scores: dict[int, torch.Tensor], policy: Policy, cost: 
     """Set ``group.removed`` (and ``group.note`` when clamped) for every group; return a summary.
 
     Lowest score goes first; ties go to the lower channel index, so plans are deterministic.
+    Under a budget the summary holds ``metric``, ``target``, ``achieved`` and ``met`` (within 1%
+    of the target, relative: ``fxprune.budget.budget_met``); a missed budget adds ``reason`` and
+    warns with :class:`fxprune.errors.BudgetWarning`.
 
     Example:
         >>> from fxprune.coupling.groups import Group
