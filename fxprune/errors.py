@@ -40,6 +40,16 @@ class ModelError(FxPruneError, ValueError):
         self.problems = list(problems or [])
 
 
+class ModelWarning(UserWarning):
+    """The model has a feature fxprune keeps but cannot analyse (forward hooks on leaf modules:
+    they are copied into the pruned model and run there on fewer channels).
+
+    Example:
+        >>> issubclass(ModelWarning, UserWarning)
+        True
+    """
+
+
 class InputError(FxPruneError, ValueError):
     """The example inputs were rejected by the model (the model's own message is kept)."""
 

@@ -16,13 +16,14 @@ Example:
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Iterator
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import ModelError
+from .errors import ModelError, ModelWarning
 
 _QUANTIZED_PACKAGES = ("torch.ao.nn.quantized", "torch.ao.nn.qat", "torch.ao.nn.intrinsic.qat",
                        "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized", "torch.nn.qat",
@@ -72,13 +73,18 @@ def _hook_problems(module: nn.Module, where: str, dropped: bool) -> Iterator[tup
     """(module, problem) for each kind of forward hook on ``module``."""
     tables = (("forward hook", module._forward_hooks), ("forward pre-hook", module._forward_pre_hooks))
     for kind, hooks in tables:
+        hooks = {k: h for k, h in hooks.items() if not getattr(h, "fxprune_mask_hook", False)}
         if not hooks:
             continue
-        why = ("tracing inlines this module's forward and drops its hooks" if dropped else
-               "fxprune cannot see what a hook computes, so the channels it touches cannot be "
-               "tracked and the pruned module would call it with fewer channels")
-        yield where, (f"{kind}s {_hook_names(hooks)}: {why}; remove them (handle.remove()) before "
-                      "pruning and register them again on the pruned model if needed")
+        if dropped:
+            yield where, (f"{kind}s {_hook_names(hooks)}: tracing inlines this module's forward and "
+                          "drops its hooks; remove them (handle.remove()) before pruning and register "
+                          "them again on the pruned model if needed")
+        else:
+            yield where, (f"{kind}s {_hook_names(hooks)} are kept and run on the pruned module, with "
+                          "fewer channels; fxprune cannot see what they compute (a hook holding "
+                          "per-channel values fails on the first call): remove them before pruning "
+                          "if they depend on the channel count")
 
 
 def _legacy_reparametrization(module: nn.Module) -> str | None:
@@ -129,7 +135,7 @@ def _is_quantized(module: nn.Module) -> bool:
                if isinstance(t, torch.Tensor))
 
 
-def _module_problems(model: nn.Module, leaf_modules: Iterable) -> Iterator[tuple[str, str]]:
+def _module_problems(model: nn.Module, leaf_modules: Iterable, kept: list) -> Iterator[tuple[str, str]]:
     leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
     leaf_names = {m for m in leaf_modules if isinstance(m, str)}
     tracer = fx.Tracer()
@@ -147,7 +153,10 @@ def _module_problems(model: nn.Module, leaf_modules: Iterable) -> Iterator[tuple
             yield where, problem
         leaf = bool(name) and (name in leaf_names or (leaf_types and isinstance(module, leaf_types))
                                or tracer.is_leaf_module(module, name))
-        yield from _hook_problems(module, where, dropped=not leaf)
+        if leaf:
+            kept.extend(_hook_problems(module, where, dropped=False))
+        else:
+            yield from _hook_problems(module, where, dropped=True)
 
 
 def _meta_problems(model: nn.Module) -> Iterator[tuple[str, str]]:
@@ -179,15 +188,17 @@ def check_model(model: nn.Module, leaf_modules: Iterable = ()) -> None:
     """Refuse, with one ``ModelError`` naming every module and what to do, a model whose pruned
     copy would silently compute something else or crash on its first call:
 
-    - forward hooks and pre-hooks (on the root and inlined submodules tracing drops them; on
-      leaf modules fxprune cannot see what they compute), global forward hooks included;
+    - forward hooks and pre-hooks on the root and on inlined submodules (tracing drops them),
+      and global forward hooks;
     - legacy ``torch.nn.utils.spectral_norm`` / ``weight_norm`` (pre-hooks that rebuild the
       weight); parametrizations without ``right_inverse``, spectral-norm and orthogonal ones
       (``parametrizations.weight_norm`` and invertible custom ones prune exactly);
     - quantized, QAT and observer modules (FX or eager quantization);
     - parameters or buffers on the ``meta`` device.
 
-    ``leaf_modules`` are the types or names the tracer keeps as leaves (besides torch.nn's).
+    Forward hooks on leaf modules are kept (the traced and the pruned module call them, so the
+    mask oracle sees them) but fxprune cannot see what they compute: a ``ModelWarning`` names
+    them. ``leaf_modules`` are the types or names the tracer keeps as leaves (besides torch.nn's).
 
     Example:
         >>> import torch
@@ -201,6 +212,11 @@ def check_model(model: nn.Module, leaf_modules: Iterable = ()) -> None:
     """
     if not isinstance(model, nn.Module):
         return  # the capture stage says what it expected
-    problems = [*_meta_problems(model), *_global_hook_problems(), *_module_problems(model, leaf_modules)]
+    kept: list[tuple[str, str]] = []
+    problems = [*_meta_problems(model), *_global_hook_problems(), *_module_problems(model, leaf_modules, kept)]
     if problems:
         raise ModelError(_message(problems), problems)
+    if kept:
+        warnings.warn(ModelWarning("\n".join(["forward hooks on leaf modules:",
+                                                *(f"  {where}: {what}" for where, what in kept)])),
+                      stacklevel=2)

@@ -295,6 +295,7 @@ def _input_hook(by_arg: dict[tuple[int, int], list[Site]], provider: Provider):
                 if got is not None:
                     args[i] = scale(x, dim, *got)
         return tuple(args)
+    hook.fxprune_mask_hook = True  # fxprune's own: model checks let it through
     return hook
 
 
@@ -307,4 +308,5 @@ def _output_hook(by_dim: dict[int, list[Site]], provider: Provider):
             if got is not None:
                 output = scale(output, dim, *got)
         return output
+    hook.fxprune_mask_hook = True  # fxprune's own: model checks let it through
     return hook

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.errors import FxPruneError, ModelError
+from fxprune.errors import FxPruneError, ModelError, ModelWarning
 from fxprune.model_checks import check_model, unwrap
 
 X = torch.randn(2, 3, 10, 10)
@@ -66,10 +66,14 @@ def test_hook_on_inlined_submodule_is_refused():
     _refused(m, "'body' (Sequential)", "drops")
 
 
-def test_hook_on_leaf_module_is_refused():
+def test_hook_on_leaf_module_is_kept_with_a_warning():
     m = _net()
-    m[2].register_forward_hook(lambda mod, args, out: out + torch.arange(8.)[None, :, None, None])
-    _refused(m, "'2' (Conv2d)", "cannot see what a hook computes")
+    m[2].register_forward_hook(_double)  # leaf modules are called by the traced module: kept
+    with pytest.warns(ModelWarning, match=r"'2' \(Conv2d\): forward hooks _double are kept"):
+        pruned = fxprune.transform(m, fxprune.Policy(ratio=0.5), (X,))
+    assert pruned.get_submodule("2")._forward_hooks  # run by the pruned module too
+    result = fxprune.verify(pruned, inputs=(torch.randn(2, 3, 10, 10),))
+    assert result.ok and result.exact, result
 
 
 def test_global_forward_hook_is_refused():
