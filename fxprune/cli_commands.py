@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import add_model_arguments, add_policy_arguments, load_model, policy_from_args
+from .cli_args import add_model_arguments, add_policy_arguments, add_trusted_argument, policy_from_args
+from .cli_io import check_out_path, write_atomic
+from .cli_model import load_model, load_pruned
 
 STDOUT = "-"
 
@@ -28,6 +30,12 @@ def _add_output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", nargs="?", const=STDOUT, default=None, metavar="PATH",
                    help="print JSON instead of the table; with PATH, write the JSON there and print the table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Fail before the work when ``--json PATH`` cannot be written."""
+    if args.json not in (None, STDOUT):
+        check_out_path(args.json, "--json", make_parents=True)
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -41,9 +49,8 @@ def _emit(args: argparse.Namespace, doc: dict, text: str) -> None:
         return
     print(text)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+        data = (json.dumps(doc, indent=2, default=str) + "\n").encode("utf-8")
+        path = write_atomic(args.json, lambda f: f.write(data), "--json")
         print(f"wrote JSON to {path}")
 
 
@@ -60,7 +67,7 @@ def _pruned_model(args: argparse.Namespace, model: Any, inputs: tuple) -> tuple[
     import fxprune
     from .report import size_report
     if args.pruned:
-        return fxprune.load(args.pruned).eval(), None, None
+        return load_pruned(args.pruned, args.trusted), None, None
     policy = policy_from_args(args)
     pruned = fxprune.transform(model, policy, inputs, latency_table=_latency_table(args, policy, model, inputs))
     return pruned, policy, size_report(pruned)
@@ -85,6 +92,7 @@ def _bench(args: argparse.Namespace) -> int:
         resolve_device(args.device)  # fail before any work when e.g. CUDA is missing
     except DeviceUnavailableError as err:
         raise DeviceUnavailableError(f"{err} (use --device cpu)") from err
+    _check_outputs(args)
     model, inputs = load_model(args)
     pruned, policy, _ = _pruned_model(args, model, inputs)
     pruned = _plain(pruned)
@@ -125,7 +133,10 @@ def _report(args: argparse.Namespace) -> int:
         raise PlotError("give a MODEL (widths before/after), --results FILE (accuracy against MACs), or both")
     if args.pruned and not args.model:
         raise PlotError("--pruned needs the original MODEL to compare with")
+    _check_outputs(args)
     out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PlotError(f"--out-dir {out_dir}: is a file, not a folder; choose a folder for the PNG files")
     doc: dict[str, Any] = {"files": {}}
     lines = []
     if args.model:
@@ -154,6 +165,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import format_demo, run_demo
+    _check_outputs(args)
     result = run_demo(data=args.data, fast=args.fast, criteria=args.criteria, ratio=args.ratio,
                       seed=args.seed, progress=_progress(args), threads=args.threads)
     _emit(args, result, format_demo(result))
@@ -179,7 +191,8 @@ def add_commands(sub: Any) -> None:
     add_policy_arguments(b)
     b.add_argument("--pruned", default=None, metavar="PATH",
                    help="a pruned model saved by `fxprune prune --out` or fxprune.save; MODEL is then the "
-                        "original and the policy flags are not used")
+                        "original and the policy flags are not used; needs --trusted (the file is a pickle)")
+    add_trusted_argument(b)
     b.add_argument("--device", default="cpu", help="cpu or cuda[:index] (exit code 2 when unavailable)")
     b.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="fp16/bf16 run under autocast")
     b.add_argument("--channels-last", action="store_true", help="channels_last memory format")
@@ -202,7 +215,9 @@ def add_commands(sub: Any) -> None:
                     "--ratio 0.5 --out-dir figures --results results.json")
     add_model_arguments(r, required=False)
     add_policy_arguments(r)
-    r.add_argument("--pruned", default=None, metavar="PATH", help="a saved pruned model to compare with MODEL")
+    r.add_argument("--pruned", default=None, metavar="PATH",
+                   help="a saved pruned model to compare with MODEL; needs --trusted (the file is a pickle)")
+    add_trusted_argument(r)
     r.add_argument("--results", default=None, metavar="FILE",
                    help='JSON list of records with "method", "macs_kept" (fraction) and "accuracy"')
     r.add_argument("--out-dir", default="fxprune-report", help="folder for the PNG files (default fxprune-report)")

@@ -9,10 +9,12 @@ memory-bound. ``benchmarks/latency_target.py`` then measures the pruned model to
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import torch
@@ -99,9 +101,9 @@ class LatencyTable:
               threads: int = 1, runs: int = 10, warmup: int = 3, cache: str | Path | None = None,
               progress: bool = False) -> "LatencyTable":
         """Measure (or read from the cache) every prunable layer at ``GRID`` x ``GRID`` widths."""
-        from .bench import measure
+        from .bench.latency import measure
         cache = Path(cache) if cache else default_cache(device, threads)
-        store = json.loads(cache.read_text()) if cache.exists() else {}
+        store = _read_cache(cache)
         timing = dict(device=device, threads=threads, runs=runs, warmup=warmup)
         layers = {}
         nodes = _weighted_nodes(traced, analysis.params)
@@ -125,8 +127,7 @@ class LatencyTable:
             layers[target] = layers.get(target) or store[key]
         whole = measure(traced, example_inputs, **timing).median_ms
         at_full = sum(grid[-1][-1] for grid in layers.values())
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(store))
+        _write_cache(cache, store)
         return cls(layers, max(whole - at_full, 0.0), whole, device_key(device, threads))
 
     @classmethod
@@ -151,6 +152,35 @@ class LatencyTable:
             fin, fout = k.get(in_dims.get(target, 1), 1.0), k.get(1 - in_dims.get(target, 1), 1.0)
             total += _bilinear(grid, fin, fout)
         return total
+
+
+def _read_cache(cache: Path) -> dict:
+    """The cached grids, or ``{}`` when the cache is missing or unreadable (it is then rebuilt)."""
+    try:
+        store = json.loads(cache.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        warnings.warn(f"latency cache {cache} is unreadable ({err}); measuring again and rewriting it",
+                      RuntimeWarning, stacklevel=3)
+        return {}
+    return store if isinstance(store, dict) else {}
+
+
+def _write_cache(cache: Path, store: dict) -> None:
+    """Write the cache whole or not at all (temporary file in the same folder, then ``os.replace``),
+    so an interrupted run never leaves a truncated cache behind."""
+    import tempfile
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(store))
+        os.replace(temp, cache)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temp)
+        raise
 
 
 def _bilinear(grid: list[list[float]], fin: float, fout: float) -> float:

@@ -38,7 +38,7 @@ def test_bench_on_a_saved_pruned_model_prints_json_to_stdout(tmp_path):
     saved = tmp_path / "pruned.pt"
     fxprune.save(fxprune.transform(torchvision.models.resnet18(), fxprune.Policy(ratio=0.5),
                                    (torch.randn(1, 3, 32, 32),)), saved)
-    res = run("bench", "resnet18", "--pruned", str(saved), "--input-size", "32", "--runs", "2",
+    res = run("bench", "resnet18", "--pruned", str(saved), "--trusted", "--input-size", "32", "--runs", "2",
               "--warmup", "0", "--threads", "1", "--json")
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
