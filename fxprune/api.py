@@ -1,7 +1,6 @@
 """The pipeline: trace -> shapes -> coupling -> importance -> select, then rewrite."""
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any, Iterable
 
@@ -10,33 +9,16 @@ import torch.fx as fx
 
 from . import importance as importance_
 from .budget import CostModel
-from .coupling.build import analyse
-from .coupling.groups import build_groups
 from .errors import FxPruneError, StageError
 from .gc_pause import paused_collector
-from .model_checks import check_model, unwrap
 from .input_check import check_arity
 from .plan import Plan
 from .policy import Policy
 from .policy_check import check_names
 from .rewrite import apply
 from .select import select
-from .shapes import propagate
-from .trace import check_inputs, trace
-
-
-@contextlib.contextmanager
-def _stage(name: str, timings: dict):
-    """Name and time a stage; re-raise foreign errors as 'stage X failed: why'."""
-    start = time.perf_counter()
-    try:
-        yield
-    except FxPruneError:
-        raise
-    except Exception as err:
-        raise StageError(name, None, f"{type(err).__name__}: {err}") from err
-    finally:
-        timings[name] = time.perf_counter() - start
+from .analysis import analyse_model, stage as _stage
+from .capture.fx_trace import check_inputs
 
 
 def _score(groups: list, policy: Policy, ctx: importance_.ImportanceContext) -> dict:
@@ -58,8 +40,13 @@ def _score(groups: list, policy: Policy, ctx: importance_.ImportanceContext) -> 
 def plan(model: torch.nn.Module, policy: Policy, example_inputs: Any, *, leaf_modules: Iterable = (),
          concrete_args: dict | None = None, calibration: Iterable | None = None,
          loss_fn: Any = None, importance_options: dict | None = None,
-         latency_table: Any = None) -> Plan:
+         latency_table: Any = None, capture: str = "auto") -> Plan:
     """Decide what to prune, changing nothing. See ``Plan``.
+
+    ``capture`` picks the front end: ``"fx"`` (``torch.fx.symbolic_trace``), ``"export"``
+    (``torch.export``, non-strict) or ``"auto"`` (FX, then export when FX fails); the plan records
+    which one ran and why (``plan.capture``, shown by ``fxprune.explain``). ``leaf_modules``
+    apply to the FX front end; ``concrete_args`` to both.
 
     The plan's traced module reads the model's parameters and buffers without copying them
     (fxprune never writes to them); ``apply`` copies them, so the pruned module owns its
@@ -80,7 +67,7 @@ def plan(model: torch.nn.Module, policy: Policy, example_inputs: Any, *, leaf_mo
     check_names(policy, model)
     timings: dict[str, float] = {}
     gm, an, groups, comp_to_group, index = analyse_model(model, policy, inputs, timings, leaf_modules,
-                                                         concrete_args)
+                                                         concrete_args, capture)
     with _stage("importance", timings):
         ctx = importance_.ImportanceContext(gm, groups, inputs, calibration, loss_fn, policy,
                                             dict(importance_options or {}))
@@ -100,7 +87,8 @@ def plan(model: torch.nn.Module, policy: Policy, example_inputs: Any, *, leaf_mo
                                              if v != ctx.policy.to_dict().get(k)}
     with _stage("edits", timings):
         _collect_edits(groups, ctx)
-    return Plan(gm, ctx.policy, groups, inputs, an, comp_to_group, index, dict(ctx.edits), timings, selection)
+    return Plan(gm, ctx.policy, groups, inputs, an, comp_to_group, index, dict(ctx.edits), timings, selection,
+                dict(gm.meta.get("fxprune_capture", {})))
 
 
 def _selection_policy(policy: Policy, ctx: importance_.ImportanceContext) -> Policy:
@@ -116,22 +104,6 @@ def _selection_policy(policy: Policy, ctx: importance_.ImportanceContext) -> Pol
         raise StageError("select", None, f"selection_policy of {policy.importance!r} returned "
                                          f"{type(chosen).__name__}, not a Policy")
     return chosen
-
-
-def analyse_model(model: torch.nn.Module, policy: Policy, inputs: tuple, timings: dict,
-                  leaf_modules: Iterable = (), concrete_args: dict | None = None) -> tuple:
-    """Stages trace, shapes and coupling: ``(traced, analysis, groups, component map, channel index)``."""
-    with paused_collector():
-        with _stage("trace", timings):
-            model = unwrap(model); check_model(model, leaf_modules)  # noqa: E702
-            gm = trace(model, leaf_modules, concrete_args)
-        with _stage("shapes", timings):
-            propagate(gm, inputs)
-        with _stage("coupling", timings):
-            an = analyse(gm)
-            groups, comp_to_group, index = build_groups(
-                an, lambda owner: policy.ignores(owner, an.modules.get(owner)))
-    return gm, an, groups, comp_to_group, index
 
 
 def _collect_edits(groups: list, ctx: importance_.ImportanceContext) -> None:

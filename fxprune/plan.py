@@ -22,6 +22,8 @@ class Plan:
         edits: parameter edits applied before slicing, ``{param_name: new_tensor}``.
         timings: seconds spent in each pipeline stage.
         selection: how the selection went (scope; for a budget: metric, target, achieved, met).
+        capture: the front end that captured the model and why (``frontend``, ``requested``,
+            ``fx_error``, ``reason``).
 
     Example:
         >>> import fxprune, torch
@@ -44,6 +46,7 @@ class Plan:
     edits: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     selection: dict = dataclasses.field(default_factory=dict)
+    capture: dict = dataclasses.field(default_factory=dict)
 
     def removed_roots(self) -> set[int]:
         """Union-find roots of every removed channel unit."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 from tabulate import tabulate
 
 
+_FRONT_ENDS = {"fx": "torch.fx", "export": "torch.export"}
+
+
 def explain(plan) -> str:
     """Every group with its members, width before/after, exactness; every blocked op with its reason.
 
@@ -13,12 +16,16 @@ def explain(plan) -> str:
         >>> print(fxprune.explain(fxprune.plan(m, fxprune.Policy(ratio=0.5), (torch.randn(1, 3, 8, 8),))))
         ... # doctest: +ELLIPSIS
         Plan: 2 groups (1 pruned, 1 blocked), policy importance='l1' ratio=0.5
+        Captured with torch.fx: torch.fx traced the model (the fast path)
         ...
     """
     pruned = sum(1 for g in plan.groups if g.removed)
     blocked = sum(1 for g in plan.groups if g.blocked)
     lines = [f"Plan: {len(plan.groups)} groups ({pruned} pruned, {blocked} blocked), "
              f"policy importance={plan.policy.to_dict()['importance']!r} ratio={plan.policy.ratio}"]
+    if plan.capture:
+        lines.append(f"Captured with {_FRONT_ENDS.get(plan.capture['frontend'], plan.capture['frontend'])}: "
+                     f"{plan.capture['reason']}")
     rows = []
     for g in plan.groups:
         members = ", ".join(f"{p.owner}.{p.target.rsplit('.', 1)[-1]}[{p.dim}]:{p.role[0]}" for p in g.params)

@@ -8,8 +8,8 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
-from .copying import copy_graph_module, copy_module
-from .errors import TraceError
+from ..copying import copy_graph_module, copy_module
+from ..errors import TraceError
 
 try:  # generates code on first use: a plan rarely runs its traced module, apply makes its own
     from torch.fx._lazy_graph_module import _LazyGraphModule as _TracedModule

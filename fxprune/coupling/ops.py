@@ -132,7 +132,7 @@ FUNCTION_RULES.update({
     **{f: R.elementwise for f in (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge)},
     torch.unsqueeze: T.unsqueeze, torch.squeeze: T.squeeze, torch.movedim: T.movedim, torch.unbind: T.unbind,
     torch.moveaxis: T.movedim, torch.swapaxes: L.transpose, torch.swapdims: L.transpose,
-    torch.einsum: T.einsum, torch.matmul: T.matmul, operator.matmul: T.matmul, torch.bmm: T.matmul,
+    torch.einsum: T.einsum, torch.addmm: R.addmm_functional, torch.matmul: T.matmul, operator.matmul: T.matmul, torch.bmm: T.matmul,
     F.scaled_dot_product_attention: T.scaled_dot_product_attention,
     operator.getitem: T.getitem,  # adds parameter tables gathered by index to L.getitem
 })

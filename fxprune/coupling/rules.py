@@ -291,6 +291,18 @@ def linear_functional(an: Analysis, node: fx.Node) -> Any:
     return contract(an, node, x, nd - 1, weight, 1, 0, out, bias, weight, nd - 1)
 
 
+def addmm_functional(an: Analysis, node: fx.Node) -> Any:
+    """``torch.addmm(bias, x, weight)``: a linear layer with its weight stored (in, out), as
+    Hugging Face's ``Conv1D`` (GPT-2) keeps it."""
+    w, b = an.value(arg(node, 2, "mat2")), an.value(arg(node, 0, "input"))
+    x = arg(node, 1, "mat1")
+    if not isinstance(w, ParamRef) or not isinstance(b, ParamRef) or ndim(an, x) != 2 \
+            or an.param_tensor(b.target).dim() != 1:
+        return opaque(an, node, f"{describe(node)}: only bias + x @ weight on get_attr parameters is supported")
+    out = an.param_tensor(w.target).shape[1]
+    return contract(an, node, x, 1, w.target, 0, 1, out, b.target, w.target, 1)
+
+
 def batch_norm_module(an: Analysis, node: fx.Node) -> Any:
     m = an.modules[node.target]
     v = an.tensor_info(arg(node, 0, "input"))

@@ -187,27 +187,58 @@ def getitem(an: Analysis, node: fx.Node) -> Any:
 
 
 # -- labelled contractions -----------------------------------------------------------------
+def _without_broadcasts(an: Analysis, operands: Sequence[tuple[Any, str]]) -> list[tuple[Any, str]]:
+    """Operands with their broadcast dims (size 1 where another operand has more) relabelled
+    apart: a mask of shape (B, 1, L, S) added over every head shares no channels with them."""
+    sizes: dict[str, int] = {}
+    for a, labels in operands:
+        shape = an.shape(a) if isinstance(a, fx.Node) else None
+        if is_tensor_shape(shape) and len(shape) == len(labels):
+            for label, size in zip(labels, shape):
+                sizes[label] = max(sizes.get(label, 1), size)
+    out = []
+    for a, labels in operands:
+        shape = an.shape(a) if isinstance(a, fx.Node) else None
+        if is_tensor_shape(shape) and len(shape) == len(labels):
+            labels = "".join(_BROADCAST if size == 1 and sizes.get(label, 1) > 1 else label
+                             for label, size in zip(labels, shape))
+        out.append((a, labels))
+    return out
+
+
+_BROADCAST = "?"  # a label no contraction uses: the operand's size-1 dim broadcasts
+
+
 def contract_labels(an: Analysis, node: fx.Node, operands: Sequence[tuple[Any, str]], out: str,
                     inexact_if_contracted: str | None = None) -> Any:
     """Channel semantics of a contraction given the index labels of every operand and the output."""
     why = describe(node)
+    operands = _without_broadcasts(an, operands)
     chan = None
     for a, labels in operands:
         v = an.value(a)
         if isinstance(v, ChannelInfo):
             label = labels[v.dim] if v.dim < len(labels) else None
+            if label == _BROADCAST:
+                continue  # one channel read by every position of the others: nothing to couple
             if label is None or chan not in (None, label):
                 return opaque(an, node, f"{why}: operands carry channels on different dims")
             chan = label
     if chan is None:
         return opaque(an, node, f"{why}: no operand carries channels")
-    units = next(an.value(a).units for a, _ in operands if isinstance(an.value(a), ChannelInfo))
+    units = next(an.value(a).units for a, labels in operands
+                 if isinstance(an.value(a), ChannelInfo) and labels[an.value(a).dim] == chan)
+    tracked = lambda v, labels: isinstance(v, ChannelInfo) and labels[v.dim] == chan  # noqa: E731
+    widths = {len(an.value(a).units) for a, labels in operands if tracked(an.value(a), labels)}
+    if len(widths) > 1:
+        return opaque(an, node, f"{why}: index {chan!r} has {' and '.join(map(str, sorted(widths)))} "
+                                "channels in different operands (grouped heads are not tracked)")
     role = "passenger" if chan in out else "consumer"
     for a, labels in operands:
         if chan not in labels:
             continue
         v, d = an.value(a), labels.index(chan)
-        if isinstance(v, ChannelInfo):
+        if tracked(v, labels):
             an.units.union(units, v.units, "identity", f"{why} (index {chan!r})")
         elif isinstance(v, ParamRef) and an.param_tensor(v.target).shape[d] == len(units):
             an.slice_param(v.target, d, role, units, v.target, why)

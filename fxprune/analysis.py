@@ -1,0 +1,103 @@
+"""The analysis half of the pipeline: capture -> shapes -> coupling, shared by plan, rebuild and
+the latency table.
+
+Example:
+    >>> import torch
+    >>> from fxprune import Policy
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3))
+    >>> gm, an, groups, *_ = analyse_model(m, Policy(), (torch.randn(1, 3, 8, 8),), {})
+    >>> gm.meta["fxprune_capture"]["frontend"], len(groups)
+    ('fx', 2)
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterable
+
+import torch
+
+from .capture import CaptureInfo, capture as capture_graph, export_fallback
+from .coupling.build import analyse
+from .coupling.groups import build_groups
+from .errors import FxPruneError, StageError
+from .gc_pause import paused_collector
+from .model_checks import check_model, unwrap
+from .shapes import propagate
+
+
+@contextlib.contextmanager
+def stage(name: str, timings: dict):
+    """Name and time a stage; re-raise foreign errors as 'stage X failed: why'.
+
+    Example:
+        >>> timings = {}
+        >>> with stage("demo", timings):
+        ...     pass
+        >>> "demo" in timings
+        True
+    """
+    start = time.perf_counter()
+    try:
+        yield
+    except FxPruneError:
+        raise
+    except Exception as err:
+        raise StageError(name, None, f"{type(err).__name__}: {err}") from err
+    finally:
+        timings[name] = time.perf_counter() - start
+
+
+def _captured_with_shapes(model: torch.nn.Module, inputs: tuple, timings: dict, how: str,
+                          leaf_modules: Iterable, concrete_args: dict | None):
+    """Capture and propagate shapes; with ``auto``, an FX graph the shape pass cannot run (a
+    branch baked wrongly at trace time) is captured again with torch.export."""
+    with stage("trace", timings):
+        gm, info = capture_graph(model, inputs, how, leaf_modules, concrete_args)
+    try:
+        with stage("shapes", timings):
+            propagate(gm, inputs)
+        return gm, info
+    except FxPruneError as shape_err:
+        if info.frontend != "fx" or how != "auto":
+            raise
+        first = str(shape_err).strip().splitlines()[0] if str(shape_err).strip() else type(shape_err).__name__
+        try:
+            with stage("trace", timings):
+                gm, info = export_fallback(model, inputs, concrete_args,
+                                           StageError("shapes", None, f"the FX graph did not run: {first}"))
+            with stage("shapes", timings):
+                propagate(gm, inputs)
+        except FxPruneError:
+            raise shape_err from None
+        return gm, info
+
+
+def analyse_model(model: torch.nn.Module, policy, inputs: tuple, timings: dict,
+                  leaf_modules: Iterable = (), concrete_args: dict | None = None,
+                  capture: str = "auto") -> tuple:
+    """Stages capture, shapes and coupling: ``(traced, analysis, groups, component map, channel index)``.
+
+    The front end used and why is at ``traced.meta["fxprune_capture"]`` (``CaptureInfo.to_dict``).
+
+    Example:
+        >>> import torch
+        >>> from fxprune import Policy
+        >>> gm, *_ = analyse_model(torch.nn.Linear(4, 2), Policy(), (torch.randn(1, 4),), {}, capture="export")
+        >>> gm.meta["fxprune_capture"]["frontend"]
+        'export'
+    """
+    with paused_collector():
+        with stage("trace", timings):
+            model = unwrap(model)
+            check_model(model, leaf_modules)
+        gm, info = _captured_with_shapes(model, inputs, timings, capture, leaf_modules, concrete_args)
+        gm.meta["fxprune_capture"] = info.to_dict()
+        with stage("coupling", timings):
+            an = analyse(gm)
+            groups, comp_to_group, index = build_groups(
+                an, lambda owner: policy.ignores(owner, an.modules.get(owner)))
+    return gm, an, groups, comp_to_group, index
+
+
+__all__ = ["CaptureInfo", "analyse_model", "stage"]
