@@ -83,6 +83,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object], f
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(temp, _mode_for(target))
         os.replace(temp, target)
         temp = None
     except OSError as err:
@@ -99,6 +100,17 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object], f
                 pass
     WRITTEN.append(str(target))
     return target
+
+
+def _mode_for(target: Path) -> int:
+    """The mode the new file gets: the old file's, else what ``open`` would give (0o666 less the umask);
+    a temporary file is created 0o600."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def save_module(pruned, path: str | os.PathLike, flag: str = "--out") -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from typing import Any
 
@@ -101,10 +102,11 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CliError(f"--state-dict {path}: cannot be read as weights only ({type(err).__name__}: "
-                       f"{first[:200]}); save it with torch.save(model.state_dict(), path), or load a "
-                       "full pickled model in Python and save its state_dict if you trust the file") from None
+        why = _why_unreadable(err)
+        todo = ("copy or save it again" if why.startswith("the file is truncated") else
+                "save the weights with torch.save(model.state_dict(), path) (if you trust a file holding a "
+                "whole model, load it in Python and save its state_dict)")
+        raise CliError(f"--state-dict {path}: cannot be read as weights only ({why}); {todo}") from None
     if isinstance(obj, dict) and not _all_tensors(obj):
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(obj.get(key), dict) and _all_tensors(obj[key]):
@@ -115,6 +117,18 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise CliError(f"--state-dict {path}: holds {what}, not a state_dict; save it with "
                        "torch.save(model.state_dict(), path)")
     return obj
+
+
+def _why_unreadable(err: Exception) -> str:
+    """A short reason from torch.load's long weights-only error."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it holds pickled objects, not only tensors: {found.group(1)} would be imported and run"
+    if "zip archive" in text or "central directory" in text or isinstance(err, EOFError):
+        return "the file is truncated or corrupt"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(err).__name__}: {first[:160]}" if first else type(err).__name__
 
 
 def _all_tensors(d: dict) -> bool:
@@ -191,7 +205,14 @@ def load_pruned(path: str, trusted: bool) -> Any:
     if not os.path.exists(path):
         raise CliError(f"--pruned {path}: the file does not exist")
     if "trusted" in inspect.signature(load).parameters:
-        return load(path, trusted=trusted).eval()
+        from .errors import FxPruneError
+        try:
+            return load(path, trusted=trusted).eval()
+        except FxPruneError as err:
+            if trusted or "trust" not in str(err).lower():
+                raise
+            raise CliError(f"--pruned {path}: {err}; pass --trusted if the file comes from a source you "
+                           "trust (e.g. your own fxprune prune --out)") from None
     if not trusted:  # this fxprune.load always unpickles
         raise CliError(f"--pruned {path}: loading this file runs the code pickled in it; pass --trusted "
                        "if it comes from a source you trust (e.g. your own fxprune prune --out)")

@@ -187,3 +187,41 @@ def test_every_command_has_help(command, capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert f"usage: fxprune {command}" in text and "--json" in text and "Example" in text
+
+
+class _RunsCode(torch.nn.Module):
+    """A module whose unpickling runs ``os.mkdir(marker)``: what a hostile model file would do."""
+
+    def __init__(self, marker):
+        super().__init__()
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("command", ["bench", "report"])
+def test_a_pruned_file_runs_no_pickled_code_without_trusted(tmp_path, capsys, command):
+    from fxprune.cli import main
+    marker, hostile = tmp_path / "code_ran", tmp_path / "pruned.pt"
+    torch.save(_RunsCode(marker), hostile)
+    extra = ["--runs", "1", "--warmup", "0"] if command == "bench" else ["--out-dir", str(tmp_path / "fig")]
+    assert main([command, "resnet18", "--input-size", "32", "--pruned", str(hostile), *extra]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists(), "the pickled code ran"
+    assert err.startswith(f"fxprune: error: ") and str(hostile) in err and "--trusted" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_report_on_a_trusted_pruned_file(tmp_path):
+    import fxprune
+    import torchvision
+    saved = tmp_path / "pruned.pt"
+    fxprune.save(fxprune.transform(torchvision.models.resnet18(), fxprune.Policy(ratio=0.5),
+                                   (torch.randn(1, 3, 32, 32),)), saved)
+    res = run("report", "resnet18", "--pruned", str(saved), "--trusted", "--input-size", "32",
+              "--out-dir", str(tmp_path / "fig"), "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["unit"] == "layer" and open(doc["files"]["widths"], "rb").read(8) == PNG_MAGIC
