@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from .atomic import DiskFullError, atomic_write
 from .cli_args import CliError
 
 WRITTEN: list[str] = []  # files completed by the running command, in order
@@ -62,11 +63,11 @@ def check_out_path(path: str | os.PathLike, flag: str, make_parents: bool = Fals
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object], flag: str) -> Path:
-    """Call ``write(file)`` on a temporary file next to ``path``, then move it to ``path``.
+    """Call ``write(file)`` on a temporary file next to ``path``, then move it to ``path``
+    (:func:`fxprune.atomic.atomic_write`; the missing folders of ``path`` are created).
 
     On any failure or interrupt the temporary file is removed and ``path`` is left as it was; an
     ``OSError`` (e.g. a full disk) becomes a one-line :class:`CliError` naming ``flag`` and path.
-    The missing folders of ``path`` are created.
 
     Example:
         >>> import os, tempfile
@@ -75,42 +76,18 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object], f
         'a.json'
     """
     target = Path(path)
-    temp = None
+    existed = target.exists()
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(target, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temp, _mode_for(target))
-        os.replace(temp, target)
-        temp = None
     except OSError as err:
+        full = isinstance(err, DiskFullError) or err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
         reason = os.strerror(err.errno) if err.errno else str(err)
-        hint = ("free some space or choose another folder" if err.errno in (errno.ENOSPC, errno.EDQUOT)
-                else "check the path and its permissions")
-        kept = "the old file is unchanged" if target.exists() else "nothing was written"
+        hint = "free some space or choose another folder" if full else "check the path and its permissions"
+        kept = "the old file is unchanged" if existed else "nothing was written"
         raise CliError(f"{flag} {path}: writing failed: {reason}; {hint} ({kept})") from None
-    finally:
-        if temp is not None:
-            try:
-                os.remove(temp)
-            except OSError:
-                pass
     WRITTEN.append(str(target))
     return target
-
-
-def _mode_for(target: Path) -> int:
-    """The mode the new file gets: the old file's, else what ``open`` would give (0o666 less the umask);
-    a temporary file is created 0o600."""
-    try:
-        return target.stat().st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
 
 
 def save_module(pruned, path: str | os.PathLike, flag: str = "--out") -> Path:

@@ -9,7 +9,6 @@ memory-bound. ``benchmarks/latency_target.py`` then measures the pruned model to
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -137,7 +136,7 @@ class LatencyTable:
         """The table of ``model``'s prunable layers (traced and analysed as ``fxprune.plan`` does),
         measured on ``device`` (default: ``policy.device``) with ``threads`` threads, or read from
         the cache; ``build_options`` go to :meth:`build`."""
-        from .api import analyse_model
+        from .analysis import analyse_model
         from .trace import check_inputs
         inputs = check_inputs(example_inputs)
         gm, an, *_ = analyse_model(model, policy, inputs, {}, leaf_modules, concrete_args)
@@ -168,19 +167,9 @@ def _read_cache(cache: Path) -> dict:
 
 
 def _write_cache(cache: Path, store: dict) -> None:
-    """Write the cache whole or not at all (temporary file in the same folder, then ``os.replace``),
-    so an interrupted run never leaves a truncated cache behind."""
-    import tempfile
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(store))
-        os.replace(temp, cache)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temp)
-        raise
+    """Write the cache whole or not at all, so an interrupted run never leaves a truncated cache."""
+    from .atomic import write_text
+    write_text(cache, json.dumps(store))
 
 
 def _bilinear(grid: list[list[float]], fin: float, fout: float) -> float:
