@@ -143,7 +143,7 @@ def _report(args: argparse.Namespace) -> int:
         model, inputs = load_model(args)
         pruned, policy, report = _pruned_model(args, model, inputs)
         if report is None:
-            groups, unit = layer_widths(model, pruned), "layer"
+            groups, unit = layer_widths(model, pruned) or _widths_by_weights(model, pruned), "layer"
         else:
             groups, unit = report["groups"], "group"
             doc.update(params=report["params"], macs=report["macs"], policy=policy.to_dict())
@@ -161,6 +161,26 @@ def _report(args: argparse.Namespace) -> int:
                      f"{len(doc['results']['methods'])} methods): {path}")
     _emit(args, doc, "\n".join(["wrote:", *(f"  {line}" for line in lines)]))
     return 0
+
+
+def _widths_by_weights(original: Any, pruned: Any) -> list[dict]:
+    """Widths of ``original``'s conv, linear and norm layers against the pruned model's tensors of
+    the same names: for a model loaded from fxprune's graph format, which keeps the tensor names
+    but not the layers. Output channels are dim 0 of a weight (or running mean)."""
+    import torch
+    state = pruned.state_dict()
+    rows = []
+    for name, module in original.named_modules():
+        if isinstance(module, torch.nn.modules.conv._ConvTransposeNd):
+            continue  # dim 0 of its weight is the input width
+        for attr, tensor in (("out_channels", "weight"), ("out_features", "weight"),
+                             ("num_features", "running_mean"), ("num_features", "weight")):
+            key = f"{name}.{tensor}" if name else tensor
+            before = getattr(module, attr, None)
+            if isinstance(before, int) and key in state and state[key].dim() > 0:
+                rows.append({"name": name, "before": before, "after": int(state[key].shape[0])})
+                break
+    return rows
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -191,7 +211,7 @@ def add_commands(sub: Any) -> None:
     add_policy_arguments(b)
     b.add_argument("--pruned", default=None, metavar="PATH",
                    help="a pruned model saved by `fxprune prune --out` or fxprune.save; MODEL is then the "
-                        "original and the policy flags are not used; needs --trusted (the file is a pickle)")
+                        "original and the policy flags are not used; a pickled file (e.g. from prune --out) needs --trusted")
     add_trusted_argument(b)
     b.add_argument("--device", default="cpu", help="cpu or cuda[:index] (exit code 2 when unavailable)")
     b.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="fp16/bf16 run under autocast")
@@ -216,7 +236,8 @@ def add_commands(sub: Any) -> None:
     add_model_arguments(r, required=False)
     add_policy_arguments(r)
     r.add_argument("--pruned", default=None, metavar="PATH",
-                   help="a saved pruned model to compare with MODEL; needs --trusted (the file is a pickle)")
+                   help="a saved pruned model to compare with MODEL; a pickled file (e.g. from prune --out) "
+                        "needs --trusted")
     add_trusted_argument(r)
     r.add_argument("--results", default=None, metavar="FILE",
                    help='JSON list of records with "method", "macs_kept" (fraction) and "accuracy"')

@@ -190,9 +190,10 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple]:
 def load_pruned(path: str, trusted: bool) -> Any:
     """A pruned model saved by ``fxprune prune --out`` or :func:`fxprune.save`, in eval mode.
 
-    Such a file is a pickle, and loading it runs code stored in it: without ``trusted`` it is
-    refused (:class:`CliError` saying to pass ``--trusted``) unless :func:`fxprune.load` can read
-    it without running code.
+    A pickled module (``fxprune prune --out``, ``torch.save(module)``) runs code stored in it
+    while it is read: without ``trusted`` it is refused (:class:`CliError` saying to pass
+    ``--trusted``). Files :func:`fxprune.load` reads without running code (its graph format)
+    load either way.
 
     Example:
         >>> load_pruned("no/such/file.pt", trusted=False)
@@ -211,8 +212,10 @@ def load_pruned(path: str, trusted: bool) -> Any:
         except FxPruneError as err:
             if trusted or "trust" not in str(err).lower():
                 raise
-            raise CliError(f"--pruned {path}: {err}; pass --trusted if the file comes from a source you "
-                           "trust (e.g. your own fxprune prune --out)") from None
+            what = getattr(err, "reason", str(err)).split(";")[0]
+            raise CliError(f"--pruned {path}: {what}; reading it would run that code, so it is refused: pass "
+                           "--trusted if you made the file (e.g. with fxprune prune --out) or trust its "
+                           "source") from None
     if not trusted:  # this fxprune.load always unpickles
         raise CliError(f"--pruned {path}: loading this file runs the code pickled in it; pass --trusted "
                        "if it comes from a source you trust (e.g. your own fxprune prune --out)")

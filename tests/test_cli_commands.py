@@ -225,3 +225,4 @@ def test_report_on_a_trusted_pruned_file(tmp_path):
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["unit"] == "layer" and open(doc["files"]["widths"], "rb").read(8) == PNG_MAGIC
+    assert any(w["after"] < w["before"] for w in doc["widths"])
