@@ -191,6 +191,69 @@ def test_failed_export_names_the_format_the_cause_and_a_hint(tmp_path):
 
 # --- save / load ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("name, traced", CASES, ids=IDS)
+def test_save_load_round_trip_gives_equal_outputs_and_original_names(tmp_path, name, traced):
+    model, inputs = _case(name, traced)
+    path = save(model, tmp_path / "m.pt", inputs)
+    loaded = load(path)
+    assert isinstance(loaded, fx.GraphModule) and not loaded.training
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    other_batch = (torch.randn(5, *inputs[0].shape[1:]),)  # the batch dimension stays dynamic
+    with torch.no_grad():
+        for x in (inputs, other_batch):
+            _assert_same_outputs(loaded(*x), model(*x))
+
+
+def test_saved_module_computes_eval_mode_and_the_callers_flags_are_kept(tmp_path):
+    model, (x,) = _case("conv_bn_relu", traced=False)
+    model.train()
+    save(model, tmp_path / "m.pt", (x,))
+    assert all(m.training for m in model.modules())
+    loaded = load(tmp_path / "m.pt")
+    loaded.train()  # an inference graph: the flag does not change what it computes
+    with torch.no_grad():
+        _assert_same_outputs(loaded(x), model.eval()(x))
+
+
+def test_save_takes_the_inputs_a_pruned_module_carries(tmp_path):
+    import fxprune
+    model, (x,) = _case("residual", traced=False)
+    pruned = fxprune.transform(model, fxprune.Policy(ratio=0.5), (x,))
+    loaded = load(save(pruned, tmp_path / "p.pt"))
+    assert list(loaded.state_dict()) == list(pruned.state_dict())
+    with torch.no_grad():
+        _assert_same_outputs(loaded(x), pruned(x))
+
+
+def test_save_takes_shapes_recorded_on_placeholders(tmp_path):
+    from torch.fx.passes.shape_prop import ShapeProp
+    model, (x,) = _case("conv_bn_relu", traced=True)
+    ShapeProp(model).propagate(x)
+    with torch.no_grad():
+        _assert_same_outputs(load(save(model, tmp_path / "m.pt"))(x), model(x))
+
+
+def test_save_without_inputs_says_to_pass_them(tmp_path):
+    from fxprune.exporters import SaveError
+    with pytest.raises(SaveError, match="pass example_inputs") as info:
+        save(ConvBnRelu(), tmp_path / "m.pt")
+    assert str(tmp_path / "m.pt") in str(info.value)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_model_export_cannot_capture_says_to_use_the_pickle_format(tmp_path):
+    from fxprune.exporters import SaveError
+    with pytest.raises(SaveError) as info:
+        save(DataDependent(), tmp_path / "m.pt", torch.randn(2, 3))
+    assert "torch.export could not capture" in str(info.value)
+    assert "format='pickle'" in str(info.value) and "trusted=True" in str(info.value)
+    path = save(DataDependent(), tmp_path / "m.pt", format="pickle")
+    x = torch.randn(2, 3)
+    assert torch.equal(load(path, trusted=True)(x), DataDependent()(x))
+
+
 MODEL_SOURCE = textwrap.dedent("""
     import torch, torch.nn as nn, torch.fx as fx
 
@@ -236,20 +299,23 @@ LOAD_SCRIPT = textwrap.dedent("""
     import sys, torch
     folder, module_name = sys.argv[1], sys.argv[2]
     assert module_name not in sys.modules
-    raw = torch.load(folder + "/model.pt", weights_only=False)  # no fxprune needed
+    data = torch.load(folder + "/model.pt", weights_only=True)  # plain data: no code, no fxprune
+    assert data["format"] == "fxprune.module" and data["version"] == 2, data.keys()
+    raw = torch.load(folder + "/pickled.pt", weights_only=False)  # the pickle format, no fxprune
     assert "fxprune" not in sys.modules, "loading needed fxprune"
     x, expected = torch.load(folder + "/io.pt")
-    assert torch.equal(raw["module"](x), expected)
-    assert raw["module"].meta == {}
+    assert torch.equal(raw["module"](x), expected) and raw["module"].meta == {}
     from fxprune.exporters import load, LoadError
-    loaded = load(folder + "/model.pt")
-    assert torch.equal(loaded(x), expected) and not loaded.training
+    for name, trusted in (("model.pt", False), ("pickled.pt", True)):
+        loaded = load(folder + "/" + name, trusted=trusted)
+        assert torch.equal(loaded(x), expected) and not loaded.training
     try:
-        load(folder + "/unstripped.pt")
+        load(folder + "/unstripped.pt", trusted=True)
     except LoadError as err:
         assert module_name in str(err) and "unstripped.pt" in str(err), str(err)
     else:
         raise AssertionError("a module pickled with its tracer and metadata should not load")
+    assert module_name not in sys.modules
     print("subprocess-ok")
 """)
 
@@ -259,7 +325,8 @@ def test_saved_graph_module_reloads_without_its_defining_module(tmp_path, foreig
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         expected = gm(x)
-    save(gm, tmp_path / "model.pt")
+    save(gm, tmp_path / "model.pt", (x,))
+    save(gm, tmp_path / "pickled.pt", format="pickle")
     torch.save(gm, tmp_path / "unstripped.pt")  # control: plain pickling keeps the references
     torch.save((x, expected), tmp_path / "io.pt")
     assert "plan" in gm.meta and gm._tracer_cls.__name__ == "CustomTracer"  # caller untouched
@@ -276,37 +343,53 @@ class KeepGraphModules(fx.Tracer):
         return isinstance(m, fx.GraphModule) or super().is_leaf_module(m, qualname)
 
 
-def test_save_strips_metadata_of_nested_graph_modules_without_touching_them(tmp_path):
+@pytest.mark.parametrize("fmt", ["graph", "pickle"])
+def test_save_of_nested_graph_modules_leaves_them_untouched(tmp_path, fmt):
     inner = fx.symbolic_trace(ConvBnRelu().eval())
     inner.meta["fxprune"] = {"plan": lambda: None}  # not picklable: saving must leave it out
     root = nn.Sequential(inner, nn.Flatten())
     outer = fx.GraphModule(root, KeepGraphModules().trace(root))
     outer.meta["fxprune"] = "plan"
-    save(outer, tmp_path / "m.pt")
-    loaded = load(tmp_path / "m.pt")
-    assert loaded.meta == {} and loaded.get_submodule("0").meta == {}
-    assert outer.meta == {"fxprune": "plan"} and "fxprune" in inner.meta
     x = torch.randn(1, 3, 8, 8)
+    save(outer, tmp_path / "m.pt", (x,), format=fmt)
+    loaded = load(tmp_path / "m.pt", trusted=fmt == "pickle")
+    if fmt == "pickle":
+        assert loaded.meta == {} and loaded.get_submodule("0").meta == {}
+    assert list(loaded.state_dict()) == list(outer.state_dict())
+    assert outer.meta == {"fxprune": "plan"} and "fxprune" in inner.meta
     with torch.no_grad():
         assert torch.equal(loaded(x), outer(x))
 
 
-def test_save_writes_a_versioned_record_and_load_accepts_plain_modules(tmp_path):
+def test_save_writes_versioned_records(tmp_path):
     model = ConvBnRelu().eval()
-    record = torch.load(save(model, tmp_path / "a.pt"), weights_only=False)
+    x = torch.randn(1, 3, 8, 8)
+    record = torch.load(save(model, tmp_path / "a.pt", x), weights_only=True)
+    assert record["format"] == "fxprune.module" and record["version"] == 2
+    assert isinstance(record["graph"], str) and set(record["parameters"]) == {
+        "conv.weight", "conv.bias", "bn.weight", "bn.bias"}
+    record = torch.load(save(model, tmp_path / "b.pt", format="pickle"), weights_only=False)
     assert record["format"] == "fxprune.module" and record["version"] == 1
     assert isinstance(record["module"], ConvBnRelu)
+
+
+def test_pickled_modules_load_only_when_trusted(tmp_path):
+    model = ConvBnRelu().eval()
+    save(model, tmp_path / "record.pt", format="pickle")
     torch.save(model, tmp_path / "plain.pt")
     with open(tmp_path / "pickled.pkl", "wb") as f:
         pickle.dump(model, f)
     x = torch.randn(1, 3, 8, 8)
-    for name in ("a.pt", "plain.pt", "pickled.pkl"):
+    for name in ("record.pt", "plain.pt", "pickled.pkl"):
+        with pytest.raises(LoadError, match="trusted=True") as info:
+            load(tmp_path / name)
+        assert name in str(info.value) and "ConvBnRelu" in str(info.value)
         with torch.no_grad():
-            assert torch.equal(load(tmp_path / name)(x), model(x))
+            assert torch.equal(load(tmp_path / name, trusted=True)(x), model(x))
 
 
 def _truncated(path):
-    save(ConvBnRelu(), path)
+    save(ConvBnRelu(), path, torch.randn(1, 3, 8, 8))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
 
@@ -320,20 +403,34 @@ BAD_FILES = {
     "state_dict": lambda p: torch.save(ConvBnRelu().state_dict(), p),
     "newer_version": lambda p: torch.save({"format": "fxprune.module", "version": 99,
                                            "module": ConvBnRelu()}, p),
+    "newer_graph_version": lambda p: torch.save({"format": "fxprune.module", "version": 3}, p),
+    "string_version": lambda p: torch.save({"format": "fxprune.module", "version": "2"}, p),
+    "graph_not_json": lambda p: torch.save({"format": "fxprune.module", "version": 2, "graph": "{",
+                                            "parameters": {}, "buffers": {}, "constants": {}}, p),
 }
 
 
+@pytest.mark.parametrize("trusted", [False, True], ids=["default", "trusted"])
 @pytest.mark.parametrize("kind", sorted(BAD_FILES))
-def test_bad_file_raises_load_error_naming_the_path(tmp_path, kind):
+def test_bad_file_raises_load_error_naming_the_path(tmp_path, kind, trusted):
     path = tmp_path / f"bad_{kind}.pt"
     BAD_FILES[kind](path)
     with pytest.raises(LoadError) as info:
-        load(path)
+        load(path, trusted=trusted)
     assert str(path) in str(info.value)
     assert isinstance(info.value, ValueError)
 
 
-def test_missing_file_raises_load_error(tmp_path):
+def test_state_dict_file_says_how_to_use_it(tmp_path):
+    torch.save(ConvBnRelu().state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(LoadError, match="fxprune.rebuild"):
+        load(tmp_path / "sd.pt")
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_missing_file_raises_load_error(tmp_path, trusted):
     with pytest.raises(LoadError, match="does not exist") as info:
-        load(tmp_path / "absent.pt")
+        load(tmp_path / "absent.pt", trusted=trusted)
     assert "absent.pt" in str(info.value)
+    with pytest.raises(LoadError, match="not a regular file"):
+        load(tmp_path, trusted=trusted)
