@@ -200,6 +200,12 @@ def add_commands(sub: Any) -> None:
         >>> parser().parse_args(["demo", "--fast"]).fast
         True
     """
+    _add_bench(sub)
+    _add_report(sub)
+    _add_demo(sub)
+
+
+def _add_bench(sub: Any) -> None:
     from .bench import DTYPES
     b = sub.add_parser(
         "bench", help="time the original and the pruned model side by side",
@@ -227,6 +233,8 @@ def add_commands(sub: Any) -> None:
     _add_output_arguments(b)
     b.set_defaults(func=_bench)
 
+
+def _add_report(sub: Any) -> None:
     r = sub.add_parser(
         "report", help="draw widths before/after and accuracy against MACs kept (PNG files)",
         description="Draw PNG files: each group's width before and after pruning MODEL (or, with --pruned, "
@@ -245,6 +253,8 @@ def add_commands(sub: Any) -> None:
     _add_output_arguments(r)
     r.set_defaults(func=_report)
 
+
+def _add_demo(sub: Any) -> None:
     from .demo import CRITERIA, DATASETS
     d = sub.add_parser(
         "demo", help="train a small CNN on bundled digits, prune it with several criteria, compare",
