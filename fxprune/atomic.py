@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -159,3 +160,40 @@ def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> P
     with atomic_write(path, "w", encoding=encoding) as f:
         f.write(text)
     return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """For writers that take a file name (``torch.onnx.export``, ``torch.jit.save``): yields a
+    path with ``path``'s name in a new temporary folder next to it; on success every file written
+    in that folder is moved next to ``path`` with ``os.replace`` (side files such as ONNX
+    external data first, ``path`` itself last), so each file is replaced whole. On any failure the
+    temporary folder is removed and nothing next to ``path`` changes; a full disk or quota is
+    :class:`DiskFullError`. Check inside the block that the writer wrote the file.
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.bin")
+        >>> with atomic_path(path) as tmp:
+        ...     _ = tmp.write_bytes(b"model")
+        ...     _ = (tmp.parent / "m.bin.data").write_bytes(b"weights")
+        >>> sorted(os.listdir(os.path.dirname(path)))
+        ['m.bin', 'm.bin.data']
+    """
+    path = Path(path)
+    folder: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        yield folder / path.name
+        written = sorted(p for p in folder.iterdir() if p.is_file())
+        for p in sorted(written, key=lambda p: p.name == path.name):
+            os.replace(p, path.parent / p.name)
+        _sync_folder(path.parent)
+    except OSError as err:
+        if err.errno in _DISK_FULL:
+            raise DiskFullError(path, err.errno) from err
+        raise
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)

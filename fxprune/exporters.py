@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import copy
 import importlib.util
 import io
@@ -45,7 +46,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
-from .atomic import atomic_write
+from .atomic import atomic_path, atomic_write
 from .errors import FxPruneError
 
 FORMATS = ("torchscript-trace", "torchscript-script", "onnx", "onnx-dynamo", "torch-export")
@@ -161,8 +162,10 @@ def export(model: torch.nn.Module, path: str | os.PathLike, example_inputs: Any,
     ``torch.export.load(path).module()``). TorchScript and the TorchScript-based ONNX exporter
     are deprecated upstream; their deprecation warnings are silenced here.
     ``opset`` applies to the ONNX formats. A private copy is exported, so the caller's module
-    (its mode included) is not changed. Parent folders are created. Any failure raises
-    :class:`ExportError` naming the format, the cause and what to try.
+    (its mode included) is not changed. Parent folders are created. The exporter writes into a
+    temporary folder and its files replace the old ones only when it succeeded
+    (:func:`fxprune.atomic.atomic_path`). Any failure raises :class:`ExportError` naming the
+    format, the cause and what to try (a full disk: :class:`~fxprune.atomic.DiskFullError`).
 
     Example:
         >>> import tempfile, os, torch
@@ -178,21 +181,23 @@ def export(model: torch.nn.Module, path: str | os.PathLike, example_inputs: Any,
         raise ExportError(format, f"expected a torch.nn.Module, got {type(model).__name__}",
                           "pass the model itself, not its state_dict or an exported file")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     inputs = _as_tuple(example_inputs)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # The caller chose the format; upstream deprecation notices are not news to them.
-            warnings.filterwarnings("ignore", category=FutureWarning, message=".*deprecated.*")
-            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*legacy.*")
-            _EXPORTERS[format](_eval_copy(model), str(path), inputs, opset)
-    except ExportError:
-        raise
-    except Exception as err:  # every exporter has its own exception types; report them uniformly
-        raise ExportError(format, _describe(err), _HINTS[format]) from err
-    if not path.exists():
-        raise ExportError(format, f"the exporter finished but wrote no file at {str(path)!r}",
-                          _HINTS[format])
+    with atomic_path(path) as tmp:
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                # The caller chose the format; upstream deprecation notices are not news to them.
+                warnings.filterwarnings("ignore", category=FutureWarning, message=".*deprecated.*")
+                warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*legacy.*")
+                _EXPORTERS[format](_eval_copy(model), str(tmp), inputs, opset)
+        except ExportError:
+            raise
+        except Exception as err:  # every exporter has its own exception types; report them uniformly
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", None)):
+                raise  # atomic_path makes it a DiskFullError
+            raise ExportError(format, _describe(err), _HINTS[format]) from err
+        if not tmp.exists():
+            raise ExportError(format, f"the exporter finished but wrote no file at {str(path)!r}",
+                              _HINTS[format])
     return path
 
 

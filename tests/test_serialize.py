@@ -61,3 +61,27 @@ def test_corrupt_plan_files(tmp_path, content, words):
 def test_missing_plan_file(tmp_path):
     with pytest.raises(fxprune.LoadError, match="no such file"):
         load_plan(tmp_path / "nope.json")
+
+
+def test_truncated_or_unreadable_plan_file_names_the_path(tmp_path):
+    model, x = build("concat")
+    path = save_plan(fxprune.plan(model, fxprune.Policy(ratio=0.5), x), tmp_path / "plan.json")
+    text = path.read_text()
+    for cut in (1, len(text) // 2, len(text) - 2):
+        path.write_text(text[:cut])
+        with pytest.raises(fxprune.LoadError, match="not a JSON plan file") as info:
+            load_plan(path)
+        assert str(path) in str(info.value)
+    with pytest.raises(fxprune.LoadError, match="cannot read the file") as info:
+        load_plan(tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_rebuild_with_state_dict_gives_the_pruned_model(tmp_path):
+    model, x = build("residual")
+    pruned = fxprune.transform(model, fxprune.Policy(ratio=0.5), x)
+    path = save_plan(pruned.meta["fxprune"], tmp_path / "plan.json")
+    again = rebuild(build("residual", seed=5)[0], path, x, state_dict=pruned.state_dict())
+    assert list(again.state_dict()) == list(pruned.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again(*x), pruned(*x))

@@ -316,3 +316,52 @@ def test_save_error_leaves_no_file(tmp_path):
     with pytest.raises(SaveError):
         save(_small(0), tmp_path / "m.pt")  # no inputs, none recorded
     assert not (tmp_path / "m.pt").exists() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_export_interrupted_or_failing_midway_keeps_the_old_file(tmp_path, monkeypatch, exc):
+    from fxprune.exporters import ExportError, export
+    path = tmp_path / "m.pt"
+    export(_small(0), path, X, format="torchscript-trace")
+    before = path.read_bytes()
+
+    def half_then_fail(module, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(before[: len(before) // 2])
+        with open(str(f) + ".data", "wb") as side:  # a side file, like ONNX external data
+            side.write(b"partial")
+        raise exc("stopped")
+
+    monkeypatch.setattr(torch.jit, "save", half_then_fail)
+    with pytest.raises(KeyboardInterrupt if exc is KeyboardInterrupt else ExportError):
+        export(_small(1), path, X, format="torchscript-trace")
+    assert path.read_bytes() == before and _folder_names(path) == ["m.pt"]
+
+
+def test_atomic_path_moves_side_files_and_cleans_up_on_failure(tmp_path):
+    from fxprune.atomic import atomic_path
+    path = tmp_path / "model.onnx"
+    with atomic_path(path) as tmp:
+        assert tmp.name == "model.onnx" and tmp.parent.parent == tmp_path
+        tmp.write_bytes(b"graph")
+        (tmp.parent / "model.onnx.data").write_bytes(b"weights")
+    assert _folder_names(path) == ["model.onnx", "model.onnx.data"]
+    with pytest.raises(DiskFullError):
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"new graph")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert path.read_bytes() == b"graph"
+    assert _folder_names(path) == ["model.onnx", "model.onnx.data"]
+
+
+def test_concurrent_plan_saves_leave_a_valid_file(tmp_path):
+    import fxprune
+    plans = [fxprune.plan(_small(s), fxprune.Policy(ratio=r), (X,)) for s, r in ((0, 0.25), (1, 0.5), (2, 0.75))]
+    path = tmp_path / "plan.json"
+    expected = [json.loads(json.dumps(fxprune.serialize.plan_to_dict(p))) for p in plans]
+    threads = [threading.Thread(target=lambda p=p: [save_plan(p, path) for _ in range(20)]) for p in plans]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert load_plan(path) in expected and _folder_names(path) == ["plan.json"]
