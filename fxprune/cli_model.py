@@ -201,22 +201,15 @@ def load_pruned(path: str, trusted: bool) -> Any:
         ...
         fxprune.cli_args.CliError: --pruned no/such/file.pt: the file does not exist
     """
-    import inspect
-    from fxprune import load
+    from fxprune import LoadError, load
     if not os.path.exists(path):
         raise CliError(f"--pruned {path}: the file does not exist")
-    if "trusted" in inspect.signature(load).parameters:
-        from .errors import FxPruneError
-        try:
-            return load(path, trusted=trusted).eval()
-        except FxPruneError as err:
-            if trusted or "trust" not in str(err).lower():
-                raise
-            what = getattr(err, "reason", str(err)).split(";")[0]
-            raise CliError(f"--pruned {path}: {what}; reading it would run that code, so it is refused: pass "
-                           "--trusted if you made the file (e.g. with fxprune prune --out) or trust its "
-                           "source") from None
-    if not trusted:  # this fxprune.load always unpickles
-        raise CliError(f"--pruned {path}: loading this file runs the code pickled in it; pass --trusted "
-                       "if it comes from a source you trust (e.g. your own fxprune prune --out)")
-    return load(path).eval()
+    try:
+        return load(path, trusted=trusted).eval()
+    except LoadError as err:
+        if trusted or "trusted" not in str(err):
+            raise
+        what = err.reason.split(";")[0]
+        raise CliError(f"--pruned {path}: {what}; reading it would run that code, so it is refused: pass "
+                       "--trusted if you made the file (e.g. with fxprune prune --out) or trust its "
+                       "source") from None
