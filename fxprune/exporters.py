@@ -531,6 +531,9 @@ def _build_graph(graph: dict, attributes: set, device: torch.device | None) -> f
             and isinstance(args_kwargs[1], dict) and len(inputs) == sum(map(len, args_kwargs))
             and in_spec.num_leaves == sum(n.op == "placeholder" for n in nodes)):
         raise _Malformed("its input structure does not match its inputs")
+    results = nodes[-1].args[0] if nodes and nodes[-1].op == "output" else None
+    if not isinstance(results, (tuple, list)) or len(results) != out_spec.num_leaves:
+        raise _Malformed("its output structure does not match its outputs")
     out._codegen = _PyTreeCodeGen(_PyTreeInfo(inputs, in_spec, out_spec))
     out.lint()
     return out

@@ -365,3 +365,23 @@ def test_concurrent_plan_saves_leave_a_valid_file(tmp_path):
     for t in threads:
         t.join()
     assert load_plan(path) in expected and _folder_names(path) == ["plan.json"]
+
+
+def test_code_in_a_string_argument_stays_a_string(tmp_path):
+    marker = tmp_path / "marker"
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU(approximate="tanh"))
+    path = save(model, tmp_path / "m.pt", torch.randn(2, 4))
+    record = torch.load(path, weights_only=True)
+    assert '"tanh"' in record["graph"]
+    record["graph"] = record["graph"].replace('"tanh"', json.dumps(f"tanh'); open('{marker}', 'w'); ('"))
+    torch.save(record, path)
+    loaded = load(path)  # a string is a value: it is written into the code as a literal
+    with pytest.raises(RuntimeError):  # and aten rejects it as an argument
+        loaded(torch.randn(2, 4))
+    assert not marker.exists()
+
+
+def test_output_structure_must_match_the_outputs(tmp_path):
+    path = _graph_file(tmp_path, lambda r, g: g.__setitem__("out_spec", {"kind": "tuple", "children": ["*", "*"]}))
+    with pytest.raises(LoadError, match="output structure"):
+        load(path)
