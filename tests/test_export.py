@@ -217,6 +217,23 @@ def test_saved_module_computes_eval_mode_and_the_callers_flags_are_kept(tmp_path
         _assert_same_outputs(loaded(x), model.eval()(x))
 
 
+class MakesATensor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) + torch.arange(x.shape[-1], device=x.device, dtype=x.dtype)
+
+
+def test_map_location_moves_tensors_and_device_literals(tmp_path):
+    path = save(MakesATensor(), tmp_path / "m.pt", torch.randn(2, 4))
+    assert '"device": "cpu"' in torch.load(path, weights_only=True)["graph"]
+    loaded = load(path, map_location="meta")
+    out = loaded(torch.randn(3, 4, device="meta"))
+    assert out.device.type == "meta" and loaded.lin.weight.device.type == "meta"
+
+
 def test_save_takes_the_inputs_a_pruned_module_carries(tmp_path):
     import fxprune
     model, (x,) = _case("residual", traced=False)
