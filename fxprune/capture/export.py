@@ -115,7 +115,8 @@ def _needs_pytree(spec: pytree.TreeSpec) -> bool:
         return False
     if spec.type not in _PLAIN_CONTAINERS:
         return True
-    return any(_needs_pytree(child) for child in spec.children_specs)
+    children = spec.children() if callable(getattr(spec, "children", None)) else spec.children_specs
+    return any(_needs_pytree(child) for child in children)
 
 
 def _translate(exported: fx.GraphModule, private: nn.Module) -> tuple[fx.Graph, list]:
