@@ -10,17 +10,19 @@ Example:
 """
 from ._version import __version__
 from .api import plan, transform
+from .atomic import DiskFullError
 from .coupling.ops import register_module_rule
-from .errors import (FxPruneError, InputError, PolicyError, StageError, TraceError,
-                     VerificationError)
-from .exporters import ExportError, LoadError, check_onnx, export, load, save
+from .errors import (BudgetWarning, FxPruneError, InputError, ModelWarning, PolicyError, PolicyNameError,
+                     StageError, TraceError, VerificationError)
+from .exporters import ExportError, LoadError, SaveError, check_onnx, export, load, save
 from .importance import ImportanceContext, register as register_importance
 from .plan import Plan
 from .recalibrate import recalibrate
 from .policy import Policy
 from .report import explain
 from .rewrite import apply
-from .serialize import PlanMismatchError, load_plan, rebuild, save_plan
+from .serialize import (EditedWeightsWarning, PlanFormatError, PlanMismatchError, check_plan, load_plan,
+                        rebuild, save_plan)
 from .verify import verify
 
 __all__ = [
@@ -29,4 +31,6 @@ __all__ = [
     "TraceError", "InputError", "PolicyError", "StageError", "VerificationError",
     "export", "save", "load", "check_onnx", "ExportError", "LoadError",
     "save_plan", "load_plan", "rebuild", "PlanMismatchError", "recalibrate",
+    "PolicyNameError", "BudgetWarning", "ModelWarning", "SaveError", "check_plan", "PlanFormatError",
+    "EditedWeightsWarning", "DiskFullError",
 ]

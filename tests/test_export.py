@@ -451,3 +451,34 @@ def test_missing_file_raises_load_error(tmp_path, trusted):
     assert "absent.pt" in str(info.value)
     with pytest.raises(LoadError, match="not a regular file"):
         load(tmp_path, trusted=trusted)
+
+
+# --- the public names ------------------------------------------------------------------------
+
+PUBLIC_ERRORS = {  # name: where it is defined
+    "PolicyNameError": "fxprune.errors", "BudgetWarning": "fxprune.errors", "ModelWarning": "fxprune.errors",
+    "SaveError": "fxprune.saving", "LoadError": "fxprune.saving", "ExportError": "fxprune.exporters",
+    "PlanFormatError": "fxprune.serialize", "EditedWeightsWarning": "fxprune.serialize",
+    "check_plan": "fxprune.serialize", "DiskFullError": "fxprune.atomic",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC_ERRORS))
+def test_public_errors_and_warnings_import_from_fxprune(name):
+    import fxprune
+    assert name in fxprune.__all__
+    assert getattr(fxprune, name) is getattr(importlib.import_module(PUBLIC_ERRORS[name]), name)
+    namespace = {}
+    exec(f"from fxprune import {name}", namespace)
+    assert namespace[name] is getattr(fxprune, name)
+
+
+def test_exporters_keeps_its_public_names_after_the_split():
+    import fxprune.exporters as exporters
+    import fxprune.graph_format as graph_format
+    import fxprune.saving as saving
+    for name in exporters.__all__:
+        assert hasattr(exporters, name), name
+    assert exporters.save is saving.save and exporters.load is saving.load
+    assert exporters.SAVE_FORMAT == graph_format.SAVE_FORMAT and exporters.SAVE_VERSION == graph_format.SAVE_VERSION
+    assert "aten" not in " ".join(graph_format.PY_FUNCTIONS) and "save" in graph_format.DENIED_OPS
