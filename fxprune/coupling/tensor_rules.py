@@ -214,18 +214,25 @@ def contract_labels(an: Analysis, node: fx.Node, operands: Sequence[tuple[Any, s
     """Channel semantics of a contraction given the index labels of every operand and the output."""
     why = describe(node)
     operands = _without_broadcasts(an, operands)
-    chan = None
+    carried: dict[str, list] = {}
     for a, labels in operands:
         v = an.value(a)
         if isinstance(v, ChannelInfo):
             label = labels[v.dim] if v.dim < len(labels) else None
             if label == _BROADCAST:
                 continue  # one channel read by every position of the others: nothing to couple
-            if label is None or chan not in (None, label):
-                return opaque(an, node, f"{why}: operands carry channels on different dims")
-            chan = label
-    if chan is None:
+            if label is None:
+                return opaque(an, node, f"{why}: an operand's channel dim has no index")
+            carried.setdefault(label, []).append(v)
+    if not carried:
         return opaque(an, node, f"{why}: no operand carries channels")
+    # Track the index most operands carry channels on (one kept in the output first); channels
+    # carried on any other index meet the tracked ones mixed: those are pinned, with the reason.
+    chan = max(carried, key=lambda label: (label in out, len(carried[label]), -out.find(label)))
+    for label, values in carried.items():
+        if label != chan:
+            for v in values:
+                an.units.pin(v.units, f"{why}: its channels (index {label!r}) are mixed with index {chan!r}")
     units = next(an.value(a).units for a, labels in operands
                  if isinstance(an.value(a), ChannelInfo) and labels[an.value(a).dim] == chan)
     tracked = lambda v, labels: isinstance(v, ChannelInfo) and labels[v.dim] == chan  # noqa: E731

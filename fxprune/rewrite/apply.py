@@ -167,7 +167,7 @@ def _rewrite_literals(gm: fx.GraphModule, plan, kept: Kept) -> bool:
         if node.name in plan.analysis.resized:
             _rewrite_split(node, info[node.name], kept)
             touched = True
-        elif node.target in ("view", "reshape", torch.reshape):
+        elif node.target in ("view", "reshape", torch.reshape, "expand"):
             out = info.get(node.name)
             _rewrite_shape(node, out if isinstance(out, ChannelInfo) else None, plan, kept)
             touched = True
@@ -219,7 +219,7 @@ def _shrinks(size: fx.Node, plan, kept: Kept) -> bool | None:
 
 
 def _rewrite_shape(node: fx.Node, out: ChannelInfo | None, plan, kept: Kept) -> None:
-    """The channel entry of a view/reshape becomes the kept width, unless it is -1 or a run-time
+    """The channel entry of a view/reshape/expand becomes the kept width, unless it is -1 or a run-time
     size of a tensor with the same kept width (``x.shape[-1]`` of another space does not shrink
     with this one: it becomes a literal). Every other entry keeps its traced size: one that reads
     a channel count that shrinks (``B, N, C = x.shape`` of a pruned ``x``, reused for a tensor whose
