@@ -146,7 +146,9 @@ def fx_row(lib: str, name: str) -> dict:
            "s": seconds, "plan_s": planned - start, "apply_s": seconds - (planned - start),
            "ok": ok, "params_ratio": after["params"] / max(before["params"], 1),
            "macs_ratio": after["macs"] / max(before["macs"], 1), "blocked": _blocked(plan),
-           "groups": len(plan.groups), "pruned_groups": sum(1 for g in plan.groups if g.removed)}
+           "groups": len(plan.groups), "pruned_groups": sum(1 for g in plan.groups if g.removed),
+           "aten_left": sorted({str(n.target) for n in plan.traced.graph.nodes
+                                if isinstance(n.target, torch._ops.OpOverload)})}
     m64, x64 = _float64(model, inputs)
     exact = fxprune.transform(m64, fxprune.Policy("l1", RATIO, exact_only=True), x64,
                               capture=plan.capture.get("frontend", "auto"))

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import index_rules
 from . import layout_rules as L
 from . import conv_rules as C
 from . import norm_rules as N
@@ -134,7 +135,7 @@ FUNCTION_RULES.update({
     torch.moveaxis: T.movedim, torch.swapaxes: L.transpose, torch.swapdims: L.transpose,
     torch.einsum: T.einsum, torch.addmm: R.addmm_functional, torch.matmul: T.matmul, operator.matmul: T.matmul, torch.bmm: T.matmul,
     F.scaled_dot_product_attention: T.scaled_dot_product_attention,
-    operator.getitem: T.getitem,  # adds parameter tables gathered by index to L.getitem
+    operator.getitem: index_rules.getitem,  # adds parameter tables gathered by index to L.getitem
 })
 METHOD_RULES.update({
     "expand": T.expand, "expand_as": T.expand, "repeat": T.repeat, "unsqueeze": T.unsqueeze,

@@ -169,23 +169,6 @@ def no_channels(an: Analysis, node: fx.Node) -> Any:
     return None
 
 
-def getitem(an: Analysis, node: fx.Node) -> Any:
-    """``table[index]`` on a parameter (e.g. a relative position bias table gathered by an
-    index buffer) gives a per-channel table along the parameter's last dim; everything else
-    is ordinary indexing."""
-    from .layout_rules import getitem as layout_getitem
-    src, idx = node.args[0], node.args[1]
-    v = an.value(src)
-    out_shape = an.shape(node)
-    if isinstance(v, ParamRef) and is_tensor_shape(out_shape):
-        p = an.param_tensor(v.target)
-        first = idx[0] if isinstance(idx, tuple) and len(idx) == 1 else idx
-        if isinstance(first, fx.Node) and p.dim() >= 2 and out_shape[-1] == p.shape[-1]:
-            units = param_channels(an, v.target, p.dim() - 1, describe(node))
-            return ChannelInfo(len(out_shape) - 1, units)
-    return layout_getitem(an, node)
-
-
 # -- labelled contractions -----------------------------------------------------------------
 def _without_broadcasts(an: Analysis, operands: Sequence[tuple[Any, str]]) -> list[tuple[Any, str]]:
     """Operands with their broadcast dims (size 1 where another operand has more) relabelled
