@@ -1,5 +1,6 @@
+"""``python -m fxprune``: the same light launcher as the ``fxprune`` console script."""
 import sys
 
-from .cli import main
+from .launcher import main
 
 sys.exit(main())

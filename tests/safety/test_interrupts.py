@@ -169,3 +169,76 @@ def test_a_real_sigint_gives_exit_130_and_no_traceback(workdir):
     assert proc.returncode == 130, stderr
     assert stderr.strip() == INTERRUPTED and "Traceback" not in stderr
     assert not out.exists() and _leftovers(workdir) == []
+
+
+# --- Ctrl-C while the command is still starting (importing torch) ------------------------------
+
+INTERRUPT_ON_TORCH = """
+import sys
+
+class InterruptOnTorch:  # what a Ctrl-C while torch is being imported does
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, InterruptOnTorch())
+from fxprune.launcher import main  # what the console script does
+sys.exit(main(sys.argv[1:]))
+"""
+
+SAY_WHEN_TORCH_STARTS = """
+import sys
+
+class SayWhenTorchStarts:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            print("importing torch", flush=True)
+            sys.meta_path.remove(self)
+        return None
+
+sys.meta_path.insert(0, SayWhenTorchStarts())
+from fxprune.launcher import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_console_script_is_the_light_launcher():
+    import tomllib
+    with open(os.path.join(os.path.dirname(fxprune.__file__), os.pardir, "pyproject.toml"), "rb") as f:
+        assert tomllib.load(f)["project"]["scripts"]["fxprune"] == "fxprune.launcher:main"
+    code = "import sys, fxprune.launcher; print(sorted(m for m in ('torch', 'fxprune.cli') if m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr
+
+
+def test_ctrl_c_while_importing_torch_is_one_line_and_exit_130(workdir):
+    out = workdir / "pruned.pt"
+    res = subprocess.run([sys.executable, "-c", INTERRUPT_ON_TORCH, *_prune_args(out)], cwd=workdir,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 130, res.stderr
+    assert res.stderr.splitlines() == [INTERRUPTED] and res.stdout == ""
+    assert not out.exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+def test_a_real_sigint_during_start_up_gives_exit_130_and_no_traceback(workdir):
+    out = workdir / "pruned.pt"
+    proc = subprocess.Popen([sys.executable, "-c", SAY_WHEN_TORCH_STARTS, *_prune_args(out)], cwd=workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "importing torch"
+        proc.send_signal(signal.SIGINT)  # torch takes a second or more to import: this lands in it
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip() == INTERRUPTED and "Traceback" not in stderr
+    assert not out.exists()
+
+
+def test_python_dash_m_fxprune_runs_the_launcher(workdir):
+    res = subprocess.run([sys.executable, "-m", "fxprune", "prune", "no_such_net"], cwd=workdir,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith("fxprune: error: unknown model 'no_such_net'")
