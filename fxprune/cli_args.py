@@ -17,6 +17,7 @@ import argparse
 
 from .errors import FxPruneError
 
+CAPTURE_MODES = ("auto", "fx", "export")  # fxprune.capture.CAPTURE_MODES, without importing torch here
 POLICY_FLAGS = ("ratio", "importance", "flops", "params", "latency", "scope", "normalize", "allocation",
                 "round_to", "min_channels", "exact_only", "ignore")
 
@@ -81,6 +82,33 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore", nargs="+", default=None, metavar="NAME", help="module names never pruned")
 
 
+def add_capture_argument(p: argparse.ArgumentParser) -> None:
+    """``--capture {auto,fx,export}``: the front end that captures the model, passed to
+    ``fxprune.transform(..., capture=...)``; shared by every command that prunes.
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_capture_argument(p)
+        >>> p.parse_args([]).capture, p.parse_args(["--capture", "export"]).capture
+        ('auto', 'export')
+    """
+    p.add_argument("--capture", choices=CAPTURE_MODES, default="auto",
+                   help="how the model is captured: fx (torch.fx symbolic trace, fast), export (torch.export, "
+                        "for models with Python control flow fx cannot trace) or auto (default: fx, falling "
+                        "back to export when fx fails); the report says which one ran and why")
+
+
+def capture_line(capture: dict) -> str:
+    """The report line saying which front end captured the model and why (``plan.capture``).
+
+    Example:
+        >>> capture_line({"frontend": "export", "reason": "capture='export' was asked for"})
+        "captured with torch.export: capture='export' was asked for"
+    """
+    frontend = capture.get("frontend")
+    name = {"fx": "torch.fx", "export": "torch.export"}.get(frontend, str(frontend))
+    return f"captured with {name}: {capture.get('reason', '')}"
+
+
 def add_trusted_argument(p: argparse.ArgumentParser) -> None:
     """``--trusted``: allow loading a ``--pruned`` file whose pickle runs code when loaded.
 
@@ -91,8 +119,9 @@ def add_trusted_argument(p: argparse.ArgumentParser) -> None:
     """
     p.add_argument("--trusted", action="store_true",
                    help="the --pruned file comes from a source you trust: allow it to run the code "
-                        "pickled in it while loading (a pruned GraphModule needs this); without it "
-                        "such a file is refused")
+                        "pickled in it while loading (a pickled module, e.g. from fxprune prune --format "
+                        "pickle or torch.save(module), needs this; the default graph format of fxprune "
+                        "prune --out and fxprune.save does not); without it such a file is refused")
 
 
 def policy_from_args(args: argparse.Namespace):

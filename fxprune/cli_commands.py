@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli_args import add_model_arguments, add_policy_arguments, add_trusted_argument, policy_from_args
+from .cli_args import (add_capture_argument, add_model_arguments, add_policy_arguments, add_trusted_argument,
+                       capture_line, policy_from_args)
 from .cli_io import check_out_path, write_atomic
 from .cli_model import load_model, load_pruned
 
@@ -69,8 +70,15 @@ def _pruned_model(args: argparse.Namespace, model: Any, inputs: tuple) -> tuple[
     if args.pruned:
         return load_pruned(args.pruned, args.trusted), None, None
     policy = policy_from_args(args)
-    pruned = fxprune.transform(model, policy, inputs, latency_table=_latency_table(args, policy, model, inputs))
+    pruned = fxprune.transform(model, policy, inputs, latency_table=_latency_table(args, policy, model, inputs),
+                               capture=args.capture)
     return pruned, policy, size_report(pruned)
+
+
+def _capture_of(pruned: Any) -> dict | None:
+    """``plan.capture`` of a model pruned now (a loaded ``--pruned`` file has none)."""
+    plan = getattr(pruned, "meta", {}).get("fxprune")
+    return dict(plan.capture) if plan is not None and plan.capture else None
 
 
 def _latency_table(args: argparse.Namespace, policy: Any, model: Any, inputs: tuple) -> Any:
@@ -95,6 +103,7 @@ def _bench(args: argparse.Namespace) -> int:
     _check_outputs(args)
     model, inputs = load_model(args)
     pruned, policy, _ = _pruned_model(args, model, inputs)
+    capture = _capture_of(pruned)
     pruned = _plain(pruned)
     records = []
     for batch in tqdm(args.batch_sizes or [args.batch], desc="batch sizes", disable=not _progress(args)):
@@ -104,13 +113,13 @@ def _bench(args: argparse.Namespace) -> int:
                                compile=args.compile, warmup=args.warmup, runs=args.runs, threads=args.threads))
     doc = to_json(records)
     doc.update(model=args.model, pruned_file=args.pruned, policy=policy.to_dict() if policy else None,
-               options={"channels_last": args.channels_last, "fold_norms": args.fold_norms,
+               capture=capture, options={"channels_last": args.channels_last, "fold_norms": args.fold_norms,
                         "compile": args.compile, "threads": args.threads, "runs": args.runs})
     source = f"loaded from {args.pruned}" if args.pruned else f"pruned with {_policy_text(policy)}"
     layout = ", ".join(k for k, on in (("channels_last", args.channels_last), ("norms folded", args.fold_norms),
                                        ("torch.compile", args.compile)) if on)
     text = (f"{args.model}: original vs {source}{'; ' + layout if layout else ''}; ideal = MAC ratio, "
-            "efficiency = speedup / ideal\n"
+            "efficiency = speedup / ideal\n" + (capture_line(capture) + "\n" if capture else "")
             + format_table(records))
     _emit(args, doc, text)
     return 0
@@ -146,7 +155,8 @@ def _report(args: argparse.Namespace) -> int:
             groups, unit = layer_widths(model, pruned) or _widths_by_weights(model, pruned), "layer"
         else:
             groups, unit = report["groups"], "group"
-            doc.update(params=report["params"], macs=report["macs"], policy=policy.to_dict())
+            doc.update(params=report["params"], macs=report["macs"], policy=policy.to_dict(),
+                       capture=_capture_of(pruned))
         path = plot_widths(groups, out_dir / f"{_file_stem(args.model)}_widths.png", title=args.model)
         doc["files"]["widths"] = str(path)
         doc.update(model=args.model, unit=unit, widths=groups)
@@ -159,7 +169,8 @@ def _report(args: argparse.Namespace) -> int:
                           "methods": sorted({str(r["method"]) for r in records})}
         lines.append(f"accuracy against MACs kept ({len(records)} results, "
                      f"{len(doc['results']['methods'])} methods): {path}")
-    _emit(args, doc, "\n".join(["wrote:", *(f"  {line}" for line in lines)]))
+    head = [capture_line(doc["capture"])] if doc.get("capture") else []
+    _emit(args, doc, "\n".join([*head, "wrote:", *(f"  {line}" for line in lines)]))
     return 0
 
 
@@ -214,10 +225,12 @@ def _add_bench(sub: Any) -> None:
                     "efficiency = speedup / ideal. Example: fxprune bench resnet50 --flops 0.5 --round-to 8 "
                     "--batch-sizes 1 8 --threads 4")
     add_model_arguments(b)
+    add_capture_argument(b)
     add_policy_arguments(b)
     b.add_argument("--pruned", default=None, metavar="PATH",
                    help="a pruned model saved by `fxprune prune --out` or fxprune.save; MODEL is then the "
-                        "original and the policy flags are not used; a pickled file (e.g. from prune --out) needs --trusted")
+                        "original and the policy and --capture flags are not used; a pickled file (e.g. from "
+                        "prune --out FILE --format pickle) needs --trusted")
     add_trusted_argument(b)
     b.add_argument("--device", default="cpu", help="cpu or cuda[:index] (exit code 2 when unavailable)")
     b.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="fp16/bf16 run under autocast")
@@ -242,10 +255,11 @@ def _add_report(sub: Any) -> None:
                     "the fraction of MACs kept, one line per method. Example: fxprune report resnet50 "
                     "--ratio 0.5 --out-dir figures --results results.json")
     add_model_arguments(r, required=False)
+    add_capture_argument(r)
     add_policy_arguments(r)
     r.add_argument("--pruned", default=None, metavar="PATH",
-                   help="a saved pruned model to compare with MODEL; a pickled file (e.g. from prune --out) "
-                        "needs --trusted")
+                   help="a saved pruned model to compare with MODEL (`fxprune prune --out`, fxprune.save); a "
+                        "pickled file (e.g. from prune --out FILE --format pickle) needs --trusted")
     add_trusted_argument(r)
     r.add_argument("--results", default=None, metavar="FILE",
                    help='JSON list of records with "method", "macs_kept" (fraction) and "accuracy"')

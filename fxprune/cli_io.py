@@ -5,7 +5,9 @@ it must not be a folder and its folder must exist (or, where the command creates
 existing folder) and accept a new file. The file is then written to a temporary file in the
 same folder and moved over the target with ``os.replace``, so an interrupt (Ctrl-C) or a full
 disk leaves either the old file or the new one, never a half-written one. :data:`WRITTEN` lists
-the files completed by the current command, so an interrupt can say what was written.
+the files completed by the current command, so an interrupt can say what was written. The
+pruned model of ``fxprune prune --out`` is written in fxprune's safe graph format
+(:func:`save_graph`), or as a pickle with ``--format pickle`` (:func:`save_module`).
 
 Example:
     >>> import os, tempfile
@@ -81,18 +83,54 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object], f
         with atomic_write(target, "wb") as f:
             write(f)
     except OSError as err:
-        full = isinstance(err, DiskFullError) or err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-        reason = os.strerror(err.errno) if err.errno else str(err)
-        hint = "free some space or choose another folder" if full else "check the path and its permissions"
-        kept = "the old file is unchanged" if existed else "nothing was written"
-        raise CliError(f"{flag} {path}: writing failed: {reason}; {hint} ({kept})") from None
+        raise _write_failed(err, path, flag, existed) from None
+    WRITTEN.append(str(target))
+    return target
+
+
+def _write_failed(err: OSError, path: str | os.PathLike, flag: str, existed: bool) -> CliError:
+    """One line for a failed write (a full disk says to free space), naming ``flag`` and path."""
+    full = isinstance(err, DiskFullError) or err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    reason = os.strerror(err.errno) if err.errno else str(err)
+    hint = "free some space or choose another folder" if full else "check the path and its permissions"
+    kept = "the old file is unchanged" if existed else "nothing was written"
+    return CliError(f"{flag} {path}: writing failed: {reason}; {hint} ({kept})")
+
+
+def save_graph(pruned, path: str | os.PathLike, inputs: tuple, flag: str = "--out") -> Path:
+    """Save a module with :func:`fxprune.save` (the safe graph format: ``fxprune.load(path)`` reads
+    it back without running code from the file), atomically, captured on ``inputs``.
+
+    A module torch.export cannot capture is a :class:`CliError` saying to use ``--format pickle``;
+    a failed write (e.g. a full disk) one naming ``flag`` and path, the old file kept.
+
+    Example:
+        >>> import os, tempfile, torch, fxprune
+        >>> x = torch.randn(2, 4)
+        >>> path = save_graph(torch.nn.Linear(4, 3), os.path.join(tempfile.mkdtemp(), "m.pt"), (x,))
+        >>> fxprune.load(path)(x).shape
+        torch.Size([2, 3])
+    """
+    from .saving import SaveError, save
+    target = Path(path)
+    existed = target.exists()
+    try:
+        save(pruned, target, inputs)
+    except SaveError as err:
+        raise CliError(f"{flag} {path}: the safe graph format cannot store this model: {err.reason}; pass "
+                       "--format pickle to save a pickled module instead (loading it runs code from the file: "
+                       "fxprune.load(path, trusted=True))") from None
+    except OSError as err:
+        raise _write_failed(err, path, flag, existed) from None
     WRITTEN.append(str(target))
     return target
 
 
 def save_module(pruned, path: str | os.PathLike, flag: str = "--out") -> Path:
-    """Save a plain GraphModule (no fxprune metadata) atomically; ``torch.load(path,
-    weights_only=False)`` restores it without fxprune.
+    """Save a pickled plain GraphModule (no fxprune metadata) atomically: ``fxprune prune --format
+    pickle``. ``torch.load(path, weights_only=False)`` restores it without fxprune, and
+    ``fxprune.load(path, trusted=True)`` with it; unpickling runs code named by the file, so load
+    it only if you made it or trust its source (:func:`save_graph` writes the safe format).
 
     Example:
         >>> import os, tempfile, torch

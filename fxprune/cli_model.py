@@ -190,7 +190,7 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple]:
 def load_pruned(path: str, trusted: bool) -> Any:
     """A pruned model saved by ``fxprune prune --out`` or :func:`fxprune.save`, in eval mode.
 
-    A pickled module (``fxprune prune --out``, ``torch.save(module)``) runs code stored in it
+    A pickled module (``fxprune prune --format pickle``, ``torch.save(module)``) runs code stored in it
     while it is read: without ``trusted`` it is refused (:class:`CliError` saying to pass
     ``--trusted``). Files :func:`fxprune.load` reads without running code (its graph format)
     load either way.
@@ -211,5 +211,5 @@ def load_pruned(path: str, trusted: bool) -> Any:
             raise
         what = err.reason.split(";")[0]
         raise CliError(f"--pruned {path}: {what}; reading it would run that code, so it is refused: pass "
-                       "--trusted if you made the file (e.g. with fxprune prune --out) or trust its "
-                       "source") from None
+                       "--trusted if you made the file (e.g. with fxprune prune --out FILE --format pickle) or "
+                       "trust its source") from None

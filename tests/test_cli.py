@@ -14,17 +14,68 @@ def run(*args, cwd=None):
                           timeout=300)
 
 
-def test_prune_prints_table_and_saves_a_module_that_loads_without_fxprune(tmp_path):
+def test_prune_prints_table_and_saves_the_safe_graph_format(tmp_path):
     out = tmp_path / "pruned.pt"
     res = run("prune", "resnet18", "--ratio", "0.5", "--input-size", "64", "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert "width before" in res.stdout and "macs" in res.stdout and "params" in res.stdout
     assert "oracle" in res.stdout and out.exists()
+    assert res.stdout.splitlines()[0] == "captured with torch.fx: torch.fx traced the model (the fast path)"
+    assert f"fxprune.load({str(out)!r})" in res.stdout and "trusted" not in res.stdout
+    # plain data: torch.load(weights_only=True) reads it, so no pickled code can run while loading
+    code = ("import torch, fxprune; "
+            f"record = torch.load({str(out)!r}, weights_only=True); assert record['format'] == 'fxprune.module'; "
+            f"m = fxprune.load({str(out)!r}); print(tuple(m(torch.randn(3, 3, 64, 64)).shape))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "(3, 1000)"  # the batch stays dynamic
+
+
+def test_prune_format_pickle_writes_a_pickled_module_that_needs_trust(tmp_path):
+    out = tmp_path / "pruned.pt"
+    res = run("prune", "squeezenet1_1", "--input-size", "64", "--out", str(out), "--format", "pickle")
+    assert res.returncode == 0, res.stderr
+    assert "pickled GraphModule" in res.stdout and "trusted=True" in res.stdout
     code = ("import sys; sys.modules['fxprune'] = None; import torch; "
             f"m = torch.load({str(out)!r}, weights_only=False); print(tuple(m(torch.randn(1, 3, 64, 64)).shape))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.returncode == 0, loaded.stderr  # loads without fxprune, for those who need a pickle
     assert loaded.stdout.strip() == "(1, 1000)"
+    import fxprune
+    with pytest.raises(fxprune.LoadError, match="trusted=True"):
+        fxprune.load(out)
+    assert type(fxprune.load(out, trusted=True)).__name__ == "GraphModule"
+
+
+def test_format_without_out_is_an_error(capsys):
+    from fxprune.cli import main
+    assert main(["prune", "resnet18", "--format", "pickle"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "fxprune: error: --format pickle: says how to save the pruned model; give --out FILE too"]
+
+
+def test_capture_export_is_passed_through_and_reported(capsys):
+    from fxprune.cli import main
+    assert main(["prune", "resnet18", "--input-size", "32", "--capture", "export", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["capture"]["frontend"] == "export" and report["capture"]["requested"] == "export"
+    assert report["oracle"]["ok"] is True and report["params"]["after"] < report["params"]["before"]
+    assert main(["prune", "resnet18", "--input-size", "32", "--capture", "export"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "captured with torch.export: capture='export' was asked for"
+
+
+@pytest.mark.parametrize("command", ["prune", "bench", "report"])
+def test_capture_choices_are_checked_by_argparse(command, capsys):
+    from fxprune.cli import main, parser
+    from fxprune.capture import CAPTURE_MODES
+    assert parser().parse_args([command, "resnet18"]).capture == "auto"
+    action = next(a for a in parser()._subparsers._group_actions[0].choices[command]._actions
+                  if a.dest == "capture")
+    assert tuple(action.choices) == CAPTURE_MODES
+    with pytest.raises(SystemExit) as info:
+        main([command, "resnet18", "--capture", "bogus"])
+    assert info.value.code == 2
+    assert "argument --capture: invalid choice: 'bogus'" in capsys.readouterr().err
 
 
 def test_prune_json_report():

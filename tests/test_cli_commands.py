@@ -38,8 +38,8 @@ def test_bench_on_a_saved_pruned_model_prints_json_to_stdout(tmp_path):
     saved = tmp_path / "pruned.pt"
     fxprune.save(fxprune.transform(torchvision.models.resnet18(), fxprune.Policy(ratio=0.5),
                                    (torch.randn(1, 3, 32, 32),)), saved)
-    res = run("bench", "resnet18", "--pruned", str(saved), "--trusted", "--input-size", "32", "--runs", "2",
-              "--warmup", "0", "--threads", "1", "--json")
+    res = run("bench", "resnet18", "--pruned", str(saved), "--input-size", "32", "--runs", "2",  # no --trusted:
+              "--warmup", "0", "--threads", "1", "--json")  # the graph format runs no code from the file
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["pruned_file"] == str(saved) and doc["policy"] is None
@@ -217,12 +217,37 @@ def test_a_pruned_file_runs_no_pickled_code_without_trusted(tmp_path, capsys, co
 def test_report_on_a_trusted_pruned_file(tmp_path):
     import fxprune
     import torchvision
-    saved = tmp_path / "pruned.pt"
-    fxprune.save(fxprune.transform(torchvision.models.resnet18(), fxprune.Policy(ratio=0.5),
-                                   (torch.randn(1, 3, 32, 32),)), saved)
+    from fxprune.cli_io import save_module
+    saved = tmp_path / "pruned.pt"  # what `fxprune prune --out FILE --format pickle` writes
+    save_module(fxprune.transform(torchvision.models.resnet18(), fxprune.Policy(ratio=0.5),
+                                  (torch.randn(1, 3, 32, 32),)), saved)
     res = run("report", "resnet18", "--pruned", str(saved), "--trusted", "--input-size", "32",
               "--out-dir", str(tmp_path / "fig"), "--json")
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["unit"] == "layer" and open(doc["files"]["widths"], "rb").read(8) == PNG_MAGIC
     assert any(w["after"] < w["before"] for w in doc["widths"])
+
+
+def test_report_capture_export_is_passed_through_and_reported(tmp_path, capsys):
+    from fxprune.cli import main
+    out_dir = tmp_path / "fig"
+    assert main(["report", "resnet18", "--ratio", "0.5", "--input-size", "32", "--capture", "export",
+                 "--out-dir", str(out_dir), "--json", str(tmp_path / "r.json")]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0] == "captured with torch.export: capture='export' was asked for"
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["capture"]["frontend"] == "export" and doc["unit"] == "group"
+
+
+def test_bench_passes_capture_to_the_prune(monkeypatch, capsys):
+    import fxprune
+    from fxprune.cli import main
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # stop before any timing
+    monkeypatch.setattr(fxprune, "transform", record)
+    assert main(["bench", "resnet18", "--input-size", "32", "--capture", "fx", "--runs", "1"]) == 130
+    assert seen["capture"] == "fx"
