@@ -180,10 +180,11 @@ TWINS: dict[Any, Twin] = {
     aten.hardsigmoid_: _fn(F.hardsigmoid, lambda a, k: ((a[0],), {"inplace": True})),
     aten.hardtanh_: _fn(F.hardtanh, lambda a, k: ((*a[:3],), {"inplace": True})),
     aten.leaky_relu_: _fn(F.leaky_relu, lambda a, k: ((*a[:2],), {"inplace": True})),
-    aten.gelu_: _method("gelu_"),
+    aten.gelu_: _fn(F.gelu, lambda a, k: ((a[0],), dict(k))),  # no in-place gelu in Python: the result is used
     aten.clamp: _fn(torch.clamp, _clamp), aten.clamp_min: _fn(torch.clamp, _clamp_min),
     aten.clamp_max: _fn(torch.clamp, _clamp_max),
     aten.dropout: _fn(F.dropout), aten.feature_dropout: _fn(F.dropout2d),
+    aten.feature_dropout_: _fn(F.dropout2d, lambda a, k: ((*a[:3],), {"inplace": True})),
     aten.alpha_dropout: _fn(F.alpha_dropout),
     # elementwise, binary (Tensor and Scalar overloads alike)
     aten.add: _fn(torch.add), aten.sub: _fn(torch.sub), aten.rsub: _fn(torch.rsub), aten.mul: _fn(torch.mul),
@@ -195,7 +196,8 @@ TWINS: dict[Any, Twin] = {
     aten.logical_and: _fn(torch.logical_and), aten.logical_or: _fn(torch.logical_or),
     aten.bitwise_and: _fn(torch.bitwise_and), aten.bitwise_or: _fn(torch.bitwise_or),
     aten.__and__: _fn(operator.and_), aten.__or__: _fn(operator.or_), aten.diff: _fn(torch.diff),
-    aten.index: _fn(operator.getitem, _index),
+    aten.index: _fn(operator.getitem, _index), aten.gather: _fn(torch.gather),
+    aten.item: _method("item"), aten.meshgrid: _fn(torch.meshgrid, lambda a, k: ((*a[0],), dict(k))),
     aten.masked_fill: _method("masked_fill"),
     # dtype, device, copies
     aten.to: _method("to", _to), aten._to_copy: _method("to", _to), aten.clone: _method("clone", lambda a, k: (a[:1], {})),
@@ -253,13 +255,45 @@ DROPPED = {aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain
 ALIASES = {aten.alias, aten.lift_fresh}
 
 
+# ATen ops with no Python-level twin that fxprune can track, and why their channels are blocked.
+BLOCKED: dict[Any, str] = {
+    aten.nonzero: "its output size depends on tensor values",
+    aten.index_put: "writes positions chosen by an index tensor",
+    aten.index_put_: "writes positions chosen by an index tensor",
+    aten.scatter: "writes positions chosen by an index tensor",
+    aten.scatter_add: "writes positions chosen by an index tensor",
+    aten.scatter_reduce: "writes positions chosen by an index tensor",
+    aten.index_select: "picks positions chosen by an index tensor",
+    aten.sort: "reorders values along a dim by their values",
+    aten.topk: "picks values along a dim by their values",
+    aten.argmax: "returns positions, not channel values",
+    aten.argmin: "returns positions, not channel values",
+    aten.grid_sampler_2d: "samples positions given by another tensor",
+    aten.unique_consecutive: "its output size depends on tensor values",
+    aten._unique2: "its output size depends on tensor values",
+    aten.multinomial: "draws random positions",
+    aten.bernoulli: "draws random values",
+    aten.stft: "mixes the signal dim into frequencies",
+}
+
+
+def blocked_reason(target: Any) -> str | None:
+    """Why an ATen op without a twin blocks the channels it touches (None: no row).
+
+    Example:
+        >>> blocked_reason(torch.ops.aten.nonzero.default)
+        'its output size depends on tensor values'
+    """
+    return BLOCKED.get(getattr(target, "overloadpacket", None))
+
+
 def twin_of(target: Any) -> Twin | None:
     """The Python-level twin of an ATen op overload, or None when the table has no row.
 
     Example:
         >>> twin_of(torch.ops.aten.relu.default).target is torch.relu
         True
-        >>> twin_of(torch.ops.aten.nonzero.default) is None
+        >>> twin_of(torch.ops.aten.nonzero.default) is None  # blocked, see BLOCKED
         True
     """
     packet = getattr(target, "overloadpacket", None)

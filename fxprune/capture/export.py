@@ -59,7 +59,7 @@ def export_program(model: nn.Module, inputs: tuple, kwargs: dict | None = None) 
     Example:
         >>> import torch
         >>> ep = export_program(torch.nn.Linear(2, 3), (torch.randn(1, 2),))
-        >>> ep.graph_signature.parameters
+        >>> list(ep.graph_signature.parameters)
         ['weight', 'bias']
     """
     try:

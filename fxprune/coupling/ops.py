@@ -171,6 +171,15 @@ def _module_along_dim(an, node):
     return R.along_dim(an, node, dim_pos=1, default=m.dim)
 
 
+def _aten_rule(target: Any) -> Rule | None:
+    """An ATen op the export front end left as it is (no twin): blocked with the table's reason."""
+    from ..capture.aten_twins import blocked_reason
+    why = blocked_reason(target)
+    if why is None:
+        return None
+    return lambda an, node: R.opaque(an, node, f"{R.describe(node)}: {why}")
+
+
 def rule_for(an, node) -> Rule | None:
     """The rule of a node, or None when the op is unknown.
 
@@ -188,7 +197,10 @@ def rule_for(an, node) -> Rule | None:
     if node.op == "output":
         return R.output
     if node.op == "call_function":
-        return FUNCTION_RULES.get(node.target)
+        rule = FUNCTION_RULES.get(node.target)
+        if rule is None and isinstance(node.target, torch._ops.OpOverload):
+            return _aten_rule(node.target)
+        return rule
     if node.op == "call_method":
         return METHOD_RULES.get(node.target)
     if node.op == "call_module":
