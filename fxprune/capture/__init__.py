@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from ..errors import FxPruneError, TraceError
 from .export import capture_export
-from .fx_trace import trace
+from .fx_trace import _offending_frame, trace
 
 CAPTURE_MODES = ("auto", "fx", "export")
 _CAPTURE_LOCK = threading.RLock()
@@ -80,6 +80,16 @@ def _line(err: BaseException) -> str:
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
 
 
+def _where(err: BaseException) -> str:
+    """The user's line a front end failed at: FX's message names it; export's traceback holds it."""
+    for line in str(err).splitlines():
+        if line.strip().startswith("at "):
+            return line.strip()[3:]
+    cause = err.__cause__ or err
+    where = _offending_frame(cause)
+    return where
+
+
 def both_failed(model: torch.nn.Module, fx_err: BaseException, export_err: BaseException) -> TraceError:
     """One error that shows why each front end failed and what to do.
 
@@ -88,10 +98,14 @@ def both_failed(model: torch.nn.Module, fx_err: BaseException, export_err: BaseE
         >>> "torch.fx" in str(err) and "torch.export" in str(err)
         True
     """
+    lines = [f"fxprune could not capture {type(model).__name__} with either front end:"]
+    for name, err in (("torch.fx", fx_err), ("torch.export", export_err)):
+        lines.append(f"  {name}: {_line(err)}")
+        where = _where(err)
+        if where:
+            lines.append(f"    at {where}")
     return TraceError(
-        f"fxprune could not capture {type(model).__name__} with either front end:\n"
-        f"  torch.fx: {_line(fx_err)}\n"
-        f"  torch.export: {_line(export_err)}\n"
+        "\n".join(lines) + "\n"
         "  fix: make the failing line traceable (no Python branch on tensor values; torch.export's "
         "message names it), or keep the module that holds it as an opaque leaf with "
         "leaf_modules=[TheSubmoduleType or 'its.name'] and capture='fx' (its channels are blocked), "

@@ -25,6 +25,9 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import warnings
 from typing import Any
 
@@ -53,6 +56,26 @@ def _first_line(err: BaseException, limit: int = 400) -> str:
     return line if len(line) <= limit else line[:limit] + "..."
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs warnings and prints a failed capture's partial graph to stderr; the
+    TraceError says why once. (stderr is redirected while export runs, under the capture lock.)"""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+_NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export",
+                  "torch._export", "torch._subclasses.fake_tensor", "torch.fx.experimental.recording")
+
+
 def export_program(model: nn.Module, inputs: tuple, kwargs: dict | None = None) -> torch.export.ExportedProgram:
     """``torch.export.export`` (non-strict) of ``model``; failures are a ``TraceError`` with export's reason.
 
@@ -63,7 +86,7 @@ def export_program(model: nn.Module, inputs: tuple, kwargs: dict | None = None) 
         ['weight', 'bias']
     """
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_torch_logs():
             warnings.simplefilter("ignore")
             return torch.export.export(model, inputs, kwargs=kwargs or {}, strict=False)
     except Exception as err:  # export raises many types (UserError, GuardOnDataDependentSymNode, ...)
