@@ -134,8 +134,8 @@ def test_a_reachable_budget_is_met_quietly():
 
 
 def test_cli_prints_a_missed_budget_and_exits_3(monkeypatch):
-    from fxprune import cli
-    monkeypatch.setattr(cli, "build_model", lambda name: _lopsided())
+    from fxprune import cli, cli_model
+    monkeypatch.setattr(cli_model, "build_model", lambda name: _lopsided())  # where load_model looks it up
     out, err = io.StringIO(), io.StringIO()
     with warnings.catch_warnings():
         warnings.simplefilter("error", BudgetWarning)          # said once, by the CLI, not as a warning
