@@ -66,11 +66,15 @@ def coarsen(an: Analysis, units: Sequence[int], heads: int, mode: str, why: str)
 
 
 _CONTRACTIONS = {"einsum", "matmul", "bmm", "scaled_dot_product_attention", "__matmul__"}
+# Ops between a head split and the attention contraction: layout, scaling, rotary embeddings
+# (q * cos + rotate_half(q) * sin: mul, add, neg, cat of halves) and grouped-query attention's
+# repeat_kv (unsqueeze, expand, reshape).
 _TRANSPARENT = {"permute", "transpose", "swapaxes", "contiguous", "mul", "truediv", "div", "to", "float", "clone",
-                "unbind", "getitem", "chunk", "split"}
+                "unbind", "getitem", "chunk", "split", "add", "sub", "neg", "cat", "unsqueeze", "expand",
+                "reshape", "view", "type_as"}
 
 
-def _feeds_contraction(node: fx.Node, depth: int = 4) -> bool:
+def _feeds_contraction(node: fx.Node, depth: int = 6) -> bool:
     """True when ``node`` reaches a matmul-like op through layout and scaling ops only."""
     for user in node.users:
         name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")

@@ -88,6 +88,11 @@ def _operands(node: fx.Node) -> list:
     return out
 
 
+def _fixed_channels(an: Analysis, v: Any) -> bool:
+    """Channels that can never go (model inputs, opaque results): tracked last in elementwise ops."""
+    return not isinstance(v, ChannelInfo) or not v.units or an.units.atom_of(v.units[0]).kind in ("input", "opaque")
+
+
 def elementwise(an: Analysis, node: fx.Node) -> Any:
     """Broadcasting elementwise op: aligned channel dims of all operands are coupled."""
     out_shape = an.shape(node)
@@ -96,7 +101,7 @@ def elementwise(an: Analysis, node: fx.Node) -> Any:
     nd = len(out_shape)
     operands = [a for a in _operands(node) if isinstance(an.value(a), (ChannelInfo, ParamRef))]
     chosen = None
-    for a in operands:
+    for a in sorted(operands, key=lambda a: _fixed_channels(an, an.value(a))):  # prunable ones first
         v = an.value(a)
         if isinstance(v, ChannelInfo):
             od = v.dim + nd - ndim(an, a)
@@ -123,8 +128,9 @@ def elementwise(an: Analysis, node: fx.Node) -> Any:
         at_od = a_shape[od - off] if od - off >= 0 else 1
         if v.dim + off == od and len(v.units) == size:
             an.units.union(chosen.units, v.units, "identity", why)
-        elif at_od == 1 and len(v.units) == 1:
-            continue
+        elif at_od == 1:  # broadcast along the tracked dim: its own channels (another dim) stay
+            if len(v.units) > 1:
+                an.units.pin(v.units, f"{why}: its channels lie on another dim than the output's tracked ones")
         else:
             reason = f"{why}: operands carry channels on different dims"
             an.units.pin(v.units, reason)
