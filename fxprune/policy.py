@@ -36,9 +36,17 @@ class Policy:
             (``fxprune.latency_lut``) measured once per device and cached; ``device`` picks it.
         device: the device the latency table is measured on (``"cpu"`` or ``"cuda"``).
         overrides: ``{key: ratio}`` per layer, where key is a module type, a module-name pattern
-            (``"layer4.*"``, fnmatch) or a module name. Precedence: policy < type < pattern <
-            name. A group takes the smallest override among its producers; an overridden group
-            keeps its ratio when a budget is searched.
+            (``"layer4.*"``, fnmatch) or a module name. Precedence: policy < structures < type <
+            pattern < name. A group takes the smallest override among its producers; an
+            overridden group keeps its ratio when a budget is searched.
+        structures: ``{kind: ratio}`` per group kind (``fxprune.group_kinds``): ``"channel"``
+            (conv channels), ``"head"`` (attention heads), ``"kv-group"`` (a key/value head with
+            the query heads sharing it), ``"hidden"`` (the residual stream / embedding width),
+            ``"mlp"`` (a transformer MLP's intermediate width). Keys may be singular or plural
+            (``"heads"``, ``"kv-groups"``). Kinds not named use ``ratio``; 0.0 leaves that kind
+            whole. Named kinds keep their ratio in global scope (they are not ranked with the
+            rest) and under a budget (the search sets the others), like overrides; module
+            overrides beat them. ``fxprune.explain`` shows each group's kind.
 
     Example:
         >>> p = Policy(importance="l1", ratio=0.5, round_to=8)
@@ -52,6 +60,8 @@ class Policy:
         Traceback (most recent call last):
         ...
         fxprune.errors.PolicyError: exact_only must be True or False (a bool); got 'no' (str)
+        >>> Policy(ratio=0.5, structures={"heads": 0.25, "mlp": 0.0}).structure_ratio("head")
+        0.25
     """
 
     importance: Any = "l1"
@@ -68,6 +78,7 @@ class Policy:
     overrides: Any = ()
     latency: float | None = None
     device: str = "cpu"
+    structures: Any = ()
 
     def __post_init__(self):
         for field, accepts, expected in _FIELD_RULES:
@@ -78,6 +89,7 @@ class Policy:
             raise PolicyError("give one budget: flops, params or latency")
         object.__setattr__(self, "ignore", _checked_ignore(self.ignore))
         object.__setattr__(self, "overrides", _checked_overrides(self.overrides))
+        object.__setattr__(self, "structures", _checked_structures(self.structures))
         if isinstance(self.importance, str):
             from .importance.registry import check_name
             check_name(self.importance)
@@ -115,6 +127,16 @@ class Policy:
                 by_type = float(ratio) if by_type is None else by_type
         return by_pattern if by_pattern is not None else by_type
 
+    def structure_ratio(self, kind: str) -> float | None:
+        """The ratio ``structures`` gives groups of ``kind``, or None when the kind is not named.
+
+        Example:
+            >>> p = Policy(structures={"mlp": 0.0})
+            >>> p.structure_ratio("mlp"), p.structure_ratio("head")
+            (0.0, None)
+        """
+        return next((float(r) for k, r in self.structures if k == kind), None)
+
     def ignores(self, module_name: str, module: torch.nn.Module | None) -> bool:
         """True when ``module_name``/``module`` is listed in ``ignore``.
 
@@ -144,6 +166,7 @@ class Policy:
         out["importance"] = name(self.importance)
         out["ignore"] = [name(i) for i in self.ignore]
         out["overrides"] = [[name(k), r] for k, r in self.overrides]
+        out["structures"] = dict(self.structures)
         return out
 
 
@@ -227,6 +250,31 @@ def _checked_overrides(overrides: Any) -> tuple:
             raise PolicyError(f"override ratio for {key!r} in overrides must be a number in [0, 1]; "
                               f"got {_shown(ratio)}")
     return pairs
+
+
+def _checked_structures(structures: Any) -> tuple:
+    """``structures`` as a tuple of ``(kind, ratio)`` pairs in ``KINDS`` order, keys spelled canonically."""
+    from .group_kinds import KINDS, canonical_kind
+    allowed = "channel(s), head(s), kv-group(s), hidden, mlp"
+    if isinstance(structures, dict):
+        pairs = list(structures.items())
+    elif isinstance(structures, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2
+                                                       for p in structures):
+        pairs = [tuple(p) for p in structures]
+    else:
+        raise PolicyError(f"structures must be a dict {{group kind: ratio in [0, 1]}} with kinds {allowed}; "
+                          f"got {_shown(structures)}")
+    found: dict[str, Any] = {}
+    for key, ratio in pairs:
+        kind = canonical_kind(key)
+        if kind is None:
+            raise PolicyError(f"structures: {_shown(key)} is no group kind; the kinds are {allowed}")
+        if kind in found:
+            raise PolicyError(f"structures names the kind {kind!r} twice ({key!r} and another spelling)")
+        if not (_is_number(ratio) and 0.0 <= float(ratio) <= 1.0):
+            raise PolicyError(f"structures ratio for {key!r} must be a number in [0, 1]; got {_shown(ratio)}")
+        found[kind] = ratio
+    return tuple((k, found[k]) for k in KINDS if k in found)
 
 
 def kept_width(size: int, ratio: float, min_channels: int, round_to: int | None, floor: int = 0) -> int:

@@ -8,7 +8,8 @@ _FRONT_ENDS = {"fx": "torch.fx", "export": "torch.export"}
 
 
 def explain(plan) -> str:
-    """Every group with its members, width before/after, exactness; every blocked op with its reason.
+    """Every group with its kind (``fxprune.group_kinds``), members, width before/after and
+    exactness; every blocked op with its reason.
 
     Example:
         >>> import fxprune, torch
@@ -21,17 +22,20 @@ def explain(plan) -> str:
     """
     pruned = sum(1 for g in plan.groups if g.removed)
     blocked = sum(1 for g in plan.groups if g.blocked)
+    structures = getattr(plan.policy, "structures", ())
     lines = [f"Plan: {len(plan.groups)} groups ({pruned} pruned, {blocked} blocked), "
-             f"policy importance={plan.policy.to_dict()['importance']!r} ratio={plan.policy.ratio}"]
+             f"policy importance={plan.policy.to_dict()['importance']!r} ratio={plan.policy.ratio}"
+             + (f" structures={dict(structures)}" if structures else "")]
     if plan.capture:
         lines.append(f"Captured with {_FRONT_ENDS.get(plan.capture['frontend'], plan.capture['frontend'])}: "
                      f"{plan.capture['reason']}")
     rows = []
     for g in plan.groups:
         members = ", ".join(f"{p.owner}.{p.target.rsplit('.', 1)[-1]}[{p.dim}]:{p.role[0]}" for p in g.params)
-        rows.append([g.id, g.size, g.kept, "yes" if g.exact else "no", _clip(members, 90),
-                     _clip(g.note or next(iter(g.inexact.values()), ""), 70)])
-    lines.append(tabulate(rows, headers=["group", "before", "after", "exact", "members (p/c/p = producer/consumer/passenger)", "note"]))
+        rows.append([g.id, getattr(g, "kind", "channel"), g.size, g.kept, "yes" if g.exact else "no",
+                     _clip(members, 90), _clip(g.note or next(iter(g.inexact.values()), ""), 70)])
+    lines.append(tabulate(rows, headers=["group", "kind", "before", "after", "exact",
+                                         "members (p/c/p = producer/consumer/passenger)", "note"]))
     if plan.blocked_ops:
         lines.append("\nBlocked channel spaces:")
         for node, why in plan.blocked_ops:
@@ -63,8 +67,8 @@ def size_report(pruned) -> dict:
     from .cost import count
     plan = pruned.meta["fxprune"]
     before, after = count(plan.traced), count(pruned)
-    groups = [{"group": g.id, "name": g.name, "before": g.size, "after": g.kept, "exact": g.exact,
-               "note": g.note} for g in plan.groups]
+    groups = [{"group": g.id, "name": g.name, "kind": getattr(g, "kind", "channel"), "before": g.size,
+               "after": g.kept, "exact": g.exact, "note": g.note} for g in plan.groups]
     return {
         "groups": groups,
         "params": {"before": before["params"], "after": after["params"]},
@@ -82,11 +86,13 @@ def size_table(report: dict, only_changed: bool = False) -> str:
         ... # doctest: +ELLIPSIS
         total ...
     """
-    rows = [[g["group"], _clip(g["name"], 40), g["before"], g["after"], "yes" if g["exact"] else "no",
-             _clip(g["note"], 50)] for g in report["groups"] if not only_changed or g["after"] != g["before"]]
+    rows = [[g["group"], g.get("kind", ""), _clip(g["name"], 40), g["before"], g["after"],
+             "yes" if g["exact"] else "no", _clip(g["note"], 50)]
+            for g in report["groups"] if not only_changed or g["after"] != g["before"]]
     parts = []
     if rows:
-        parts.append(tabulate(rows, headers=["group", "producers", "width before", "width after", "exact", "note"]))
+        parts.append(tabulate(rows, headers=["group", "kind", "producers", "width before", "width after", "exact",
+                                             "note"]))
     totals = []
     for key in ("params", "macs"):
         b, a = report[key]["before"], report[key]["after"]

@@ -2,7 +2,9 @@
 
 Local scope removes a ratio from every group; global scope ranks all channels after a
 normalisation. A budget (``flops=`` / ``params=``) searches the ratio (local) or the threshold
-(global) by bisection on a cost model, keeping at least what was asked. Every group is clamped
+(global) by bisection on a cost model, keeping at least what was asked. Groups with an override,
+or of a kind named in ``policy.structures``, keep their own ratio: they are not ranked with the
+rest, and a budget search moves only the others. Every group is clamped
 by its minimum width, rounding and unremovable channels, and a clamp is reported in its note.
 """
 from __future__ import annotations
@@ -47,9 +49,11 @@ def _lowest(g, s: torch.Tensor, ratio: float, policy: Policy) -> tuple[int, ...]
 
 
 def _group_ratio(g, policy: Policy, modules: dict) -> float | None:
+    """The ratio a group keeps whatever the scope or budget: the smallest override among its
+    producers, else the ratio ``policy.structures`` gives its kind, else None (``ratio`` applies)."""
     found = [policy.override_for(p.owner, modules.get(p.owner)) for p in g.producers]
     found = [r for r in found if r is not None]
-    return min(found) if found else None
+    return min(found) if found else policy.structure_ratio(getattr(g, "kind", "channel"))
 
 
 class _Selector:
@@ -128,6 +132,7 @@ def select(groups: list, scores: dict[int, torch.Tensor], policy: Policy, cost: 
     for g in eligible:
         g.removed = removal[g.id]
         _note_clamp(g, policy, chooser, summary)
+        _note_structure(g, policy, modules or {})
         _keep_every_member(g, scores[g.id], policy.round_to)
     if policy.budget is not None:
         summary["achieved"] = cost.fractions({g.id: g.removed for g in eligible})[summary["metric"]]
@@ -143,13 +148,15 @@ def _warn_budget(summary: dict, cost: CostModel, most: float) -> None:
     ``most`` is the fraction kept when every removable channel goes."""
     metric, target, achieved = summary["metric"], summary["target"], summary["achieved"]
     if achieved < target:
-        why = "overrides remove more than the budget allows (overridden groups keep their ratio)"
+        why = ("overrides or structures remove more than the budget allows (overridden groups and "
+               "named kinds keep their ratio)")
     elif most > target * 1.01:
         fixed = {"params": cost.fixed_params / max(cost.total_params, 1),
                  "macs": cost.fixed_macs / max(cost.total_macs, 1)}.get(metric)
         where = f"; {fixed:.1%} of the {metric} sit in layers no group can shrink" if fixed else ""
         why = (f"removing every removable channel still keeps {most:.2%}{where} (channels reaching an "
-               "output, blocked, ignored or overridden groups, min_channels and round_to keep the rest)")
+               "output, blocked, ignored or overridden groups, kinds fixed by structures, min_channels and "
+               "round_to keep the rest)")
     else:
         why = "the channel steps are too coarse to land closer (small layers or round_to)"
     summary["reason"] = why
@@ -208,6 +215,14 @@ def _note_clamp(g, policy: Policy, chooser: _Selector, summary: dict) -> None:
         if policy.round_to:
             why.append(f"round_to={policy.round_to}")
         g.note = f"kept {g.kept} instead of {asked} ({', '.join(why) or 'rounding'})"
+
+
+def _note_structure(g, policy: Policy, modules: dict) -> None:
+    """Say so when a group stays whole because ``policy.structures`` gives its kind 0.0."""
+    if g.removed or g.note or policy.structure_ratio(getattr(g, "kind", "channel")) != 0.0:
+        return
+    if all(policy.override_for(p.owner, modules.get(p.owner)) is None for p in g.producers):
+        g.note = f"kept whole: structures gives {g.kind!r} 0.0"
 
 
 def _keep_every_member(g, s: torch.Tensor, round_to: int | None = None) -> None:

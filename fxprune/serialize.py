@@ -32,6 +32,7 @@ import torch
 from .atomic import write_text
 from .errors import FxPruneError
 from .exporters import LoadError
+from .group_kinds import KINDS
 
 FORMAT, VERSION = "fxprune.plan", 1
 _FIX = "write the plan again with fxprune.save_plan(plan, path); plan files are not meant to be edited"
@@ -79,7 +80,9 @@ def _signature(group) -> list[str]:
 
 
 def plan_to_dict(plan) -> dict:
-    """A JSON-friendly description: the policy and, per group, its signature and removed channels.
+    """A JSON-friendly description: the policy and, per group, its signature, kind
+    (``fxprune.group_kinds``) and removed channels. ``kind`` is informational: plans written
+    before it existed load and rebuild the same.
 
     ``edited`` lists the parameters the importance criterion edited before slicing (SCP's
     compensation, for one); their edited values are in the pruned model's state_dict, not here.
@@ -88,15 +91,15 @@ def plan_to_dict(plan) -> dict:
         >>> import fxprune, torch
         >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3))
         >>> d = plan_to_dict(fxprune.plan(m, fxprune.Policy(ratio=0.5), (torch.randn(1, 3, 8, 8),)))
-        >>> d["groups"][0]["size"], len(d["groups"][0]["removed"])
-        (8, 4)
+        >>> d["groups"][0]["size"], d["groups"][0]["kind"], len(d["groups"][0]["removed"])
+        (8, 'channel', 4)
     """
     return {
         "format": FORMAT, "version": VERSION, "model": type(plan.traced).__name__,
         "policy": plan.policy.to_dict(),
         "input_shapes": [list(t.shape) for t in plan.example_inputs if isinstance(t, torch.Tensor)],
-        "groups": [{"id": g.id, "size": g.size, "signature": _signature(g), "removed": list(g.removed)}
-                   for g in plan.groups],
+        "groups": [{"id": g.id, "size": g.size, "kind": getattr(g, "kind", "channel"), "signature": _signature(g),
+                    "removed": list(g.removed)} for g in plan.groups],
         "edited": sorted(plan.edits),
     }
 
@@ -159,6 +162,7 @@ _GROUP: list[_Rule] = [
     ("signature", True, lambda v: isinstance(v, list) and v and all(isinstance(s, str) for s in v),
      "a non-empty list of strings such as 'conv.weight[0]:producer'"),
     ("removed", True, lambda v: isinstance(v, list), "a list of integer channel indices"),
+    ("kind", False, lambda v: v in KINDS, "one of " + ", ".join(map(repr, KINDS)) + " (optional)"),
 ]
 
 
@@ -199,7 +203,8 @@ def check_plan(data: Any, source: str | os.PathLike = "<plan dict>") -> dict:
     Checked: ``format``, ``version`` (an integer, not newer than this fxprune reads), the
     optional ``model``/``policy``/``input_shapes``/``edited`` types, and for each group an
     integer ``id`` (unique), a positive ``size``, a non-empty ``signature`` (unique) and
-    ``removed``: distinct integers in ``0..size-1`` that leave at least one channel. Whether the
+    ``removed``: distinct integers in ``0..size-1`` that leave at least one channel; an optional
+    ``kind`` must be a group kind (``fxprune.group_kinds.KINDS``). Whether the
     groups fit a model is checked by :func:`rebuild`.
 
     Example:

@@ -9,6 +9,7 @@ from typing import Callable, NamedTuple
 import networkx as nx
 import torch
 
+from ..group_kinds import classify
 from .state import Analysis, ChannelInfo
 
 
@@ -40,12 +41,14 @@ class Group:
 
     ``removed`` lists the removed channels in the group's own index space (0..size-1);
     ``pinned`` maps channels that can never go to the reason; ``exact`` is False when a
-    channel-mixing op (e.g. LayerNorm over the channel dim) makes removal an approximation.
+    channel-mixing op (e.g. LayerNorm over the channel dim) makes removal an approximation;
+    ``kind`` says what structure a channel is: ``"channel"``, ``"head"``, ``"kv-group"``,
+    ``"hidden"`` or ``"mlp"`` (set by :func:`build_groups`, rules in ``fxprune.group_kinds``).
 
     Example:
         >>> g = Group(0, 4, [], [], {}, {})
-        >>> g.kept, g.exact, g.blocked
-        (4, True, False)
+        >>> g.kept, g.exact, g.blocked, g.kind
+        (4, True, False, 'channel')
     """
 
     id: int
@@ -56,6 +59,7 @@ class Group:
     inexact: dict[int, str]
     removed: tuple[int, ...] = ()
     note: str = ""
+    kind: str = "channel"
 
     @property
     def exact(self) -> bool:
@@ -208,7 +212,8 @@ def _split_by_group(units, tables: _Tables, memo: dict | None = None) -> dict[in
 
 
 def build_groups(an: Analysis, ignored: Callable[[str], bool]) -> tuple[list[Group], dict, dict]:
-    """Groups that own at least one producer weight, in deterministic order.
+    """Groups that own at least one producer weight, in deterministic order, each with its
+    ``kind`` (:func:`fxprune.group_kinds.classify`).
 
     Returns (groups, component id -> group index, unit root -> (component id, channel)).
     """
@@ -238,5 +243,11 @@ def build_groups(an: Analysis, ignored: Callable[[str], bool]) -> tuple[list[Gro
         gid, ch = index[root]
         inexact.setdefault(gid, {})[ch] = why
     ordered = sorted(wanted)
-    return [Group(i, sizes[gid], members[gid], params[gid], pins.get(gid, {}), inexact.get(gid, {}))
-            for i, gid in enumerate(ordered)], {gid: i for i, gid in enumerate(ordered)}, index
+    groups = [Group(i, sizes[gid], members[gid], params[gid], pins.get(gid, {}), inexact.get(gid, {}))
+              for i, gid in enumerate(ordered)]
+    group_of_component = {gid: i for i, gid in enumerate(ordered)}
+    component = tables.component
+    kinds = classify(an, groups, lambda u: group_of_component.get(component[u]) if 0 <= u < len(component) else None)
+    for g in groups:
+        g.kind = kinds[g.id]
+    return groups, group_of_component, index
