@@ -32,7 +32,7 @@ from .errors import PolicyError
 from .policy import Policy
 
 FILE_KEYS = ("importance", "ratio", "scope", "flops", "params", "latency", "device", "round_to",
-             "min_channels", "exact_only", "normalize", "allocation", "ignore", "overrides")
+             "min_channels", "exact_only", "normalize", "allocation", "ignore", "overrides", "structures")
 BUDGET_KEYS = ("flops", "params", "latency")
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -93,6 +93,10 @@ def read_policy_file(path: str | Path) -> dict:
     if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
         raise PolicyError(f"policy file {str(path)!r}: 'overrides' must map module names or "
                           f"name patterns to ratios (e.g. {{'layer4.*': 0.7}}), got {overrides!r}")
+    structures = data.get("structures", {})
+    if not isinstance(structures, dict) or not all(isinstance(k, str) for k in structures):
+        raise PolicyError(f"policy file {str(path)!r}: 'structures' must map group kinds to ratios "
+                          f"(e.g. {{'heads': 0.25, 'mlp': 0.5}}), got {structures!r}")
     return data
 
 

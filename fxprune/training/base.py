@@ -25,7 +25,7 @@ from .sites import ChannelSites, dense_tensor, unwrap
 def analysis_policy(policy: Policy) -> Policy:
     """The policy's structural settings (ignore, min_channels, exact_only) with nothing removed."""
     return dataclasses.replace(policy, importance="l1", ratio=0.0, flops=None, params=None,
-                               latency=None, overrides=())
+                               latency=None, overrides=(), structures=())
 
 
 def _signature(g) -> tuple:
