@@ -14,7 +14,8 @@ or a small one (64x64 for YOLO/smp, 8 tokens for text). Per model, in a forked w
 - fxprune: ``transform(model, Policy("l1", 0.5), inputs)`` with the default ``capture="auto"``:
   the front end used, plan+apply seconds, parameters and MACs after/before, the share of
   non-output channels in blocked groups and the top reasons; then the model in float64 with
-  ``Policy(ratio=0.5, exact_only=True)`` checked by the mask oracle (``fxprune.verify``, 1e-9).
+  ``Policy(ratio=0.5, exact_only=True)`` checked by the mask oracle (``fxprune.verify``, 1e-6
+  relative: Hugging Face's RMSNorm computes in float32 whatever the model's dtype).
   Success: the transform finishes and the pruned model runs with the original's output structure.
 - Torch-Pruning 1.6.1: ``MetaPruner`` with ``MagnitudeImportance(p=1)``, ratio 0.5, layers whose
   output width is a model output width ignored, on a deepcopy made off the clock. Success: the
@@ -84,12 +85,32 @@ def tensors(out) -> list[torch.Tensor]:
     return []
 
 
+FAMILIES = os.path.join(HERE, "results", "timm_families.json")
+
+
+def _timm_families() -> dict[str, str]:
+    """``model_zoo.timm_families()`` (minutes: every timm model is built on the meta device to
+    rank its size), cached in benchmarks/results/timm_families.json per timm version."""
+    import timm
+    if os.path.exists(FAMILIES):
+        with open(FAMILIES) as f:
+            cached = json.load(f)
+        if cached.get("timm") == timm.__version__:
+            return cached["families"]
+    families = model_zoo.timm_families()
+    os.makedirs(os.path.dirname(FAMILIES), exist_ok=True)
+    with open(FAMILIES + ".tmp", "w") as f:
+        json.dump({"timm": timm.__version__, "families": families}, f, indent=1)
+    os.replace(FAMILIES + ".tmp", FAMILIES)
+    return families
+
+
 def catalogue(libraries: list[str], only: list[str] | None) -> list[tuple[str, str]]:
     """``(library, model name)`` pairs to run; timm's are the smallest model of each family."""
     rows = []
     for lib in libraries:
         if lib == "timm":
-            names = sorted(set(model_zoo.timm_families().values()))
+            names = sorted(set(_timm_families().values()))
         elif lib == "transformers":
             names = list(model_zoo.TRANSFORMERS)
         elif lib == "ultralytics":
@@ -152,7 +173,8 @@ def fx_row(lib: str, name: str) -> dict:
     m64, x64 = _float64(model, inputs)
     exact = fxprune.transform(m64, fxprune.Policy("l1", RATIO, exact_only=True), x64,
                               capture=plan.capture.get("frontend", "auto"))
-    check = fxprune.verify(exact, inputs=x64)
+    # 1e-6: some models compute in float32 inside (HF RMSNorm) whatever their dtype
+    check = fxprune.verify(exact, inputs=x64, tolerance=1e-6)
     row["oracle"] = {"ok": check.ok, "max_error": check.max_error, "compared": check.compared}
     return row
 

@@ -116,7 +116,7 @@ MODULE_RULES: dict[type, Rule] = {
     nn.LogSoftmax: lambda an, node: _module_along_dim(an, node),
     nn.Conv1d: C.conv_module, nn.Conv2d: C.conv_module, nn.Conv3d: C.conv_module,
     nn.ConvTranspose1d: C.conv_module, nn.ConvTranspose2d: C.conv_module, nn.ConvTranspose3d: C.conv_module,
-    nn.Linear: R.linear_module,
+    nn.Linear: R.linear_module, nn.Embedding: R.embedding_module,
     nn.BatchNorm1d: R.batch_norm_module, nn.BatchNorm2d: R.batch_norm_module,
     nn.BatchNorm3d: R.batch_norm_module,
     nn.Flatten: L.flatten,

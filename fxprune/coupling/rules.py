@@ -297,6 +297,20 @@ def linear_functional(an: Analysis, node: fx.Node) -> Any:
     return contract(an, node, x, nd - 1, weight, 1, 0, out, bias, weight, nd - 1)
 
 
+def embedding_module(an: Analysis, node: fx.Node) -> Any:
+    """``nn.Embedding``: a lookup whose rows are the vocabulary and whose columns produce the
+    channels of the last dim (the hidden size of a transformer's stream). Indices carry no
+    channels; a tied output projection (``lm_head``) shares the column slice."""
+    m = an.modules[node.target]
+    out = an.shape(node)
+    if m.max_norm is not None or not is_tensor_shape(out) or not out:
+        return opaque(an, node, f"{describe(node)}: max_norm renormalises rows over every channel")
+    weight = f"{node.target}.weight"
+    units = an.producer_units(weight, 1, m.embedding_dim, ("out", node.name, len(out) - 1))
+    an.slice_param(weight, 1, "producer", units, node.target, describe(node))
+    return ChannelInfo(len(out) - 1, units)
+
+
 def addmm_functional(an: Analysis, node: fx.Node) -> Any:
     """``torch.addmm(bias, x, weight)``: a linear layer with its weight stored (in, out), as
     Hugging Face's ``Conv1D`` (GPT-2) keeps it."""

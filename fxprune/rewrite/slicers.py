@@ -125,6 +125,7 @@ FIXERS: dict[type, Callable[[nn.Module, dict], None]] = {
     nn.InstanceNorm1d: _instance_norm, nn.InstanceNorm2d: _instance_norm, nn.InstanceNorm3d: _instance_norm,
     nn.GroupNorm: _group_norm, nn.LayerNorm: _layer_norm, nn.RMSNorm: _layer_norm, nn.PReLU: _prelu,
     nn.ChannelShuffle: lambda m, before: setattr(m, "groups", before.get("kept", m.groups)),
+    nn.Embedding: lambda m, before: setattr(m, "embedding_dim", m.weight.shape[1]),
 }
 
 SIZE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",

@@ -34,7 +34,9 @@ def _exact_in_float64(model, inputs, frontend):
     m64 = copy.deepcopy(model).double()
     x64 = tuple(x.double() if x.is_floating_point() else x for x in inputs)
     pruned = fxprune.transform(m64, fxprune.Policy(ratio=0.5, exact_only=True), x64, capture=frontend)
-    result = fxprune.verify(pruned, inputs=x64)
+    # HF's RMSNorm computes in float32 whatever the model's dtype: float32 rounding, not pruning error
+    tolerance = 1e-6 if any("RMSNorm" in type(m).__name__ for m in model.modules()) else None
+    result = fxprune.verify(pruned, inputs=x64, tolerance=tolerance)
     assert result.ok and result.compared >= 1, result
     return pruned
 
@@ -64,6 +66,10 @@ def test_transformers(name):
     widths = [m.out_features for n, m in pruned.named_modules()
               if n.endswith(("intermediate.dense", "mlp.up_proj"))]
     assert widths and all(w == 64 for w in widths), widths  # MLP widths halved (128 -> 64)
+    kinds = {g.kind for g in pruned.meta["fxprune"].groups if g.removed}
+    assert {"mlp", "head" if name == "bert" else "kv-group"} <= kinds, kinds
+    if name == "llama":  # the hidden size goes too: embedding columns, every RMSNorm, q/k/v/gate/up inputs
+        assert "hidden" in kinds and pruned.get_submodule("model.embed_tokens").embedding_dim == 32
 
 
 def test_ultralytics_yolo_eval_and_train():
