@@ -168,6 +168,7 @@ def fx_row(lib: str, name: str) -> dict:
            "ok": ok, "params_ratio": after["params"] / max(before["params"], 1),
            "macs_ratio": after["macs"] / max(before["macs"], 1), "blocked": _blocked(plan),
            "groups": len(plan.groups), "pruned_groups": sum(1 for g in plan.groups if g.removed),
+           "pruned_kinds": dict(collections.Counter(getattr(g, "kind", "channel") for g in plan.groups if g.removed)),
            "aten_left": sorted({str(n.target) for n in plan.traced.graph.nodes
                                 if isinstance(n.target, torch._ops.OpOverload)})}
     m64, x64 = _float64(model, inputs)
