@@ -1,7 +1,6 @@
 """The two front ends: what each captures, what auto picks and records, and what the export
 front end's graph keeps of the model (names, modules, modes, buffers, output structure)."""
 import collections
-import threading
 
 import pytest
 import torch
@@ -167,24 +166,3 @@ def test_export_front_end_results_match_fx_on_a_traceable_model():
     by_export = fxprune.transform(m, fxprune.Policy(ratio=0.5), X, capture="export")
     assert {k: v.shape for k, v in by_fx.state_dict().items()} == {k: v.shape for k, v in by_export.state_dict().items()}
     torch.testing.assert_close(by_fx(*X), by_export(*X))
-
-
-def test_concurrent_transforms_in_threads_are_correct():
-    models = [_net() for _ in range(2)] + [nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)).eval()
-                                           for _ in range(2)]
-    results, errors = [None] * len(models), []
-
-    def work(i):
-        try:
-            results[i] = fxprune.transform(models[i], fxprune.Policy(ratio=0.5), X)
-        except Exception as exc:  # collected and asserted below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(models))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    for pruned in results:
-        assert fxprune.verify(pruned).ok
