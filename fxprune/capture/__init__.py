@@ -7,9 +7,9 @@
 - ``"auto"`` (the default): FX first, export when FX fails; the ``CaptureInfo`` says which and why.
 
 Captures are serialised under one process-wide lock: ``symbolic_trace`` patches
-``torch.nn.Module.__call__`` for the whole process while it runs, so two traces at once break
-each other. Eager forwards of *other* models in other threads during an fxprune capture may
-still see the patch (a torch.fx limitation); run them outside a prune.
+``torch.nn.Module.__call__`` and ``__getattr__`` for the whole process while it runs, so two
+traces at once would break each other. The FX tracer answers only its own thread: modules called
+from other threads meanwhile (eager forwards, fxprune's own stages) run as if no trace were on.
 
 Example:
     >>> import torch

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import traceback
 from typing import Any, Iterable
 
@@ -18,7 +19,9 @@ except ImportError:  # pragma: no cover - older or newer torch without it
 
 
 class LeafTracer(fx.Tracer):
-    """A ``torch.fx.Tracer`` that also keeps the user's ``leaf_modules`` (types or names) as leaves.
+    """A ``torch.fx.Tracer`` that also keeps the user's ``leaf_modules`` (types or names) as leaves,
+    and lets modules called from other threads while it traces run eagerly (torch.fx's patch of
+    ``nn.Module.__call__``/``__getattr__`` is process-wide; this tracer only answers its own thread).
 
     Example:
         >>> gm = trace(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)))
@@ -30,6 +33,25 @@ class LeafTracer(fx.Tracer):
         super().__init__()
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+
+    def trace(self, root, concrete_args=None):
+        # torch.fx patches nn.Module.__call__ and __getattr__ for the whole process while it
+        # traces: calls from other threads must run eagerly, untouched by this trace
+        self._owner = threading.get_ident()
+        return super().trace(root, concrete_args)
+
+    def _other_thread(self) -> bool:
+        return threading.get_ident() != getattr(self, "_owner", threading.get_ident())
+
+    def call_module(self, m, forward, args, kwargs):
+        if self._other_thread():
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._other_thread():
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):

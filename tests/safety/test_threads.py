@@ -67,3 +67,32 @@ def test_concurrent_plans_of_one_model_leave_it_untouched(unchanged):
     assert_unchanged(model, before)
     assert [sum(len(g.removed) for g in p.groups) for p in plans][:3] == sorted(
         sum(len(g.removed) for g in p.groups) for p in plans[:3])
+
+
+def test_eager_forwards_in_other_threads_are_untouched_by_a_trace():
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    with torch.no_grad():
+        expected = other(*X)
+    stop, outputs, errors = threading.Event(), [], []
+
+    def forward_loop():
+        with torch.no_grad():
+            while not stop.is_set():
+                try:
+                    outputs.append(other(*X))
+                except Exception as exc:  # asserted below
+                    errors.append(exc)
+                    return
+
+    worker = threading.Thread(target=forward_loop)
+    worker.start()
+    try:
+        for _ in range(5):  # traces of the same model (shared tensors) and of another one
+            fxprune.plan(other, fxprune.Policy(ratio=0.5), X, capture="fx")
+            fxprune.plan(_models()[0], fxprune.Policy(ratio=0.5), X, capture="fx")
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors, errors
+    assert outputs and all(torch.equal(o, expected) for o in outputs)
