@@ -50,6 +50,8 @@ def weight_calls(gm: fx.GraphModule) -> dict[str, list[tuple[fx.Node, dict]]]:
                 out.setdefault(f"{node.target}.weight", []).append((node, spec))
             elif isinstance(m, nn.Linear):
                 out.setdefault(f"{node.target}.weight", []).append((node, dict(kind="linear")))
+            elif isinstance(m, nn.Embedding):
+                out.setdefault(f"{node.target}.weight", []).append((node, dict(kind="embedding")))
         elif node.op == "call_function" and (node.target in _CONV_FUNCTIONS or node.target is F.linear):
             w = _arg(node, 1, "weight")
             if not (isinstance(w, fx.Node) and w.op == "get_attr"):
@@ -118,6 +120,13 @@ def _conv_diag(x: torch.Tensor, w: torch.Tensor, spec: dict) -> torch.Tensor:
     return stats[index].reshape(w.shape)
 
 
+def _embedding_diag(ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A lookup's output is ``W[ids]``: the layer-wise loss ||ΔW[ids]||² counts each row once
+    per occurrence of its token, the same for every column."""
+    counts = torch.bincount(ids.detach().reshape(-1).long(), minlength=w.shape[0]).to(torch.float64)
+    return counts[:, None].expand(w.shape).clone()
+
+
 def _linear_diag(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     per_in = (x.detach().to(torch.float64) ** 2).reshape(-1, x.shape[-1]).sum(0)
     return per_in[None, :].expand(w.shape).clone()
@@ -137,7 +146,7 @@ def layer_diagonal(ctx, targets: set[str], who: str, max_batches: int | None = N
     calls = weight_calls(ctx.module)
     missing = sorted(t for t in targets if t not in calls)
     if missing:
-        raise NotImplementedError(f"no layer-wise Hessian for weights used outside conv/linear: {missing}")
+        raise NotImplementedError(f"no layer-wise Hessian for weights used outside conv/linear/embedding: {missing}")
     acc = {t: torch.zeros(ctx.param(t).shape, dtype=torch.float64) for t in targets}
 
     def watcher(target: str, spec: dict):
@@ -145,7 +154,9 @@ def layer_diagonal(ctx, targets: set[str], who: str, max_batches: int | None = N
 
         def record(node, args, result):
             x = args[0] if args else None
-            diag = _linear_diag(x, w) if spec["kind"] == "linear" else _conv_diag(x, w, spec)
+            kind = spec["kind"]
+            diag = _linear_diag(x, w) if kind == "linear" else _embedding_diag(x, w) if kind == "embedding" \
+                else _conv_diag(x, w, spec)
             acc[target] += diag
         return record
 
