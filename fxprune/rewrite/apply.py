@@ -218,6 +218,17 @@ def _shrinks(size: fx.Node, plan, kept: Kept) -> bool | None:
     return kept.count(info.units) != len(info.units)
 
 
+def _reads_shrinking(size: fx.Node, plan, kept: Kept, depth: int = 6) -> bool:
+    """Whether a run-time size reads, directly or through arithmetic (``C // heads``), a channel
+    dim that loses channels."""
+    direct = _shrinks(size, plan, kept)
+    if direct is not None:
+        return direct
+    if depth == 0 or size.op != "call_function":
+        return False
+    return any(_reads_shrinking(a, plan, kept, depth - 1) for a in size.all_input_nodes)
+
+
 def _rewrite_shape(node: fx.Node, out: ChannelInfo | None, plan, kept: Kept) -> None:
     """The channel entry of a view/reshape/expand becomes the kept width, unless it is -1 or a run-time
     size of a tensor with the same kept width (``x.shape[-1]`` of another space does not shrink
@@ -233,7 +244,7 @@ def _rewrite_shape(node: fx.Node, out: ChannelInfo | None, plan, kept: Kept) -> 
     changed = False
     if is_tensor_shape(traced) and len(traced) == len(dims):
         for d, size in enumerate(dims):
-            if (out is None or d != out.dim) and isinstance(size, fx.Node) and _shrinks(size, plan, kept):
+            if (out is None or d != out.dim) and isinstance(size, fx.Node) and _reads_shrinking(size, plan, kept):
                 dims[d], changed = traced[d], True
     if out is not None and out.dim < len(dims):
         width = kept.count(out.units)

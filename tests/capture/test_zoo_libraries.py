@@ -124,3 +124,16 @@ def test_export_captured_pruned_model_exports_and_saves(tmp_path):
     torch.testing.assert_close(program.module()(*inputs), pruned(*inputs))
     fxprune.save(pruned, tmp_path / "m.pt", inputs)
     torch.testing.assert_close(fxprune.load(tmp_path / "m.pt")(*inputs), pruned(*inputs))
+
+
+def test_timm_volo_reshape_from_a_shrinking_width_keeps_its_traced_size():
+    """VOLO reshapes qkv to (B, N, 3, heads, C // heads) with C read from the pruned stream: the
+    computed entry keeps its traced size instead of following the stream's new width."""
+    pytest.importorskip("timm")
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model("volo_d1_224", pretrained=False).eval()
+    inputs = (torch.randn(1, 3, 224, 224),)
+    pruned = fxprune.transform(model, fxprune.Policy(ratio=0.5, exact_only=True), inputs)
+    assert fxprune.verify(pruned).ok
+    assert count(pruned)["params"] < count(pruned.meta["fxprune"].traced)["params"]
