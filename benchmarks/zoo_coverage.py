@@ -75,36 +75,6 @@ def structure(out):
     return type(out).__name__
 
 
-def tensors(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in tensors(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in tensors(v)]
-    return []
-
-
-FAMILIES = os.path.join(HERE, "results", "timm_families.json")
-
-
-def _timm_families() -> dict[str, str]:
-    """``model_zoo.timm_families()`` (minutes: every timm model is built on the meta device to
-    rank its size), cached in benchmarks/results/timm_families.json per timm version."""
-    import timm
-    if os.path.exists(FAMILIES):
-        with open(FAMILIES) as f:
-            cached = json.load(f)
-        if cached.get("timm") == timm.__version__:
-            return cached["families"]
-    families = model_zoo.timm_families()
-    os.makedirs(os.path.dirname(FAMILIES), exist_ok=True)
-    with open(FAMILIES + ".tmp", "w") as f:
-        json.dump({"timm": timm.__version__, "families": families}, f, indent=1)
-    os.replace(FAMILIES + ".tmp", FAMILIES)
-    return families
-
-
 def catalogue(libraries: list[str], only: list[str] | None) -> list[tuple[str, str]]:
     """``(library, model name)`` pairs to run; timm's are the smallest model of each family."""
     rows = []
@@ -181,7 +151,7 @@ def fx_row(lib: str, name: str) -> dict:
 
 
 def _ignored(model: torch.nn.Module, out) -> list:
-    widths = {t.shape[-1] for t in tensors(out) if t.dim() > 1} | {t.shape[1] for t in tensors(out) if t.dim() > 1}
+    widths = {t.shape[-1] for t in cov.leaves(out) if t.dim() > 1} | {t.shape[1] for t in cov.leaves(out) if t.dim() > 1}
     return [m for m in model.modules()
             if (isinstance(m, torch.nn.Linear) and m.out_features in widths)
             or (isinstance(m, torch.nn.modules.conv._ConvNd) and m.out_channels in widths)]
@@ -198,7 +168,7 @@ def tp_row(lib: str, name: str) -> dict:
     start = time.perf_counter()
     pruner = tp.pruner.MetaPruner(work, example, importance=tp.importance.MagnitudeImportance(p=1),
                                   pruning_ratio=RATIO, global_pruning=False, ignored_layers=_ignored(work, out),
-                                  output_transform=tensors)
+                                  output_transform=cov.leaves)
     pruner.step()
     seconds = time.perf_counter() - start
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

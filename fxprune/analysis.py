@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-from .capture import CaptureInfo, capture as capture_graph, export_fallback
+from .capture import CaptureInfo, capture as capture_graph, export_fallback, first_line
 from .coupling.build import analyse
 from .coupling.groups import build_groups
 from .errors import FxPruneError, StageError
@@ -61,7 +61,7 @@ def _captured_with_shapes(model: torch.nn.Module, inputs: tuple, timings: dict, 
     except FxPruneError as shape_err:
         if info.frontend != "fx" or how != "auto":
             raise
-        first = str(shape_err).strip().splitlines()[0] if str(shape_err).strip() else type(shape_err).__name__
+        first = first_line(shape_err)
         try:
             with stage("trace", timings):
                 gm, info = export_fallback(model, inputs, concrete_args,

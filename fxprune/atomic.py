@@ -84,6 +84,12 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _raise_disk_full(path: Path, err: OSError) -> None:
+    """A full disk or quota while writing ``path`` is a :class:`DiskFullError`."""
+    if err.errno in _DISK_FULL:
+        raise DiskFullError(path, err.errno) from err
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", *,
                  encoding: str | None = None) -> Iterator[IO]:
@@ -125,8 +131,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *,
         tmp = None
         _sync_folder(path.parent)
     except OSError as err:
-        if err.errno in _DISK_FULL:
-            raise DiskFullError(path, err.errno) from err
+        _raise_disk_full(path, err)
         raise
     finally:
         if tmp is not None:
@@ -191,8 +196,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(p, path.parent / p.name)
         _sync_folder(path.parent)
     except OSError as err:
-        if err.errno in _DISK_FULL:
-            raise DiskFullError(path, err.errno) from err
+        _raise_disk_full(path, err)
         raise
     finally:
         if folder is not None:

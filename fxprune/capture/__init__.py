@@ -75,7 +75,13 @@ def check_mode(how: Any) -> str:
     return how
 
 
-def _line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an error's message (its type name when it has none).
+
+    Example:
+        >>> first_line(ValueError("\\nbad input\\nmore"))
+        'bad input'
+    """
     text = str(err).strip()
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
 
@@ -100,7 +106,7 @@ def both_failed(model: torch.nn.Module, fx_err: BaseException, export_err: BaseE
     """
     lines = [f"fxprune could not capture {type(model).__name__} with either front end:"]
     for name, err in (("torch.fx", fx_err), ("torch.export", export_err)):
-        lines.append(f"  {name}: {_line(err)}")
+        lines.append(f"  {name}: {first_line(err)}")
         where = _where(err)
         if where:
             lines.append(f"    at {where}")
@@ -150,7 +156,7 @@ def export_fallback(model: torch.nn.Module, inputs: tuple, concrete_args: dict |
             gm = capture_export(model, inputs, concrete_args)
         except FxPruneError as export_err:
             raise both_failed(model, fx_err, export_err) from export_err
-    return gm, CaptureInfo("export", "auto", _line(fx_err))
+    return gm, CaptureInfo("export", "auto", first_line(fx_err))
 
 
-__all__ = ["CAPTURE_MODES", "CaptureInfo", "both_failed", "capture", "check_mode", "export_fallback"]
+__all__ = ["CAPTURE_MODES", "CaptureInfo", "both_failed", "capture", "check_mode", "export_fallback", "first_line"]

@@ -38,8 +38,8 @@ import torch.utils._pytree as pytree
 
 from ..errors import TraceError
 from .aten_twins import ALIASES, DROPPED, twin_of
-from .fx_trace import structural_copy
-from .relift import lift_target
+from .fx_trace import copy_training_flags, structural_copy
+from .relift import lift_target, resolve
 
 try:
     from torch.fx._lazy_graph_module import _LazyGraphModule as _CapturedModule
@@ -93,21 +93,6 @@ def export_program(model: nn.Module, inputs: tuple, kwargs: dict | None = None) 
         raise TraceError(f"torch.export could not capture {type(model).__name__}: {_first_line(err)}") from err
 
 
-def _resolve(root: nn.Module, target: str) -> Any:
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _has(root: nn.Module, target: str) -> bool:
-    try:
-        _resolve(root, target)
-    except AttributeError:
-        return False
-    return True
-
-
 def _place(root: nn.Module, target: str, value: Any) -> None:
     """Put an exported constant on the private copy, as a non-persistent buffer where it is a tensor."""
     *prefix, field = target.split(".")
@@ -155,8 +140,8 @@ def _translate(exported: fx.GraphModule, private: nn.Module) -> tuple[fx.Graph, 
         if node.op == "placeholder":
             env[node] = graph.placeholder(node.name)
         elif node.op == "get_attr":
-            if not _has(private, node.target):
-                _place(private, node.target, _resolve(exported, node.target))
+            if resolve(private, node.target) is None:
+                _place(private, node.target, resolve(exported, node.target))
             env[node] = graph.get_attr(node.target)
         elif node.op == "call_module":
             if node.users:
@@ -240,9 +225,7 @@ def capture_export(model: nn.Module, inputs: tuple, concrete_args: dict | None =
     for name, value in attrs.items():
         setattr(gm, name, value)
     _keep_buffer_kinds(gm, private)
-    flags = {name: m.training for name, m in model.named_modules()}
-    for name, m in gm.named_modules():
-        m.__dict__["training"] = flags.get(name, model.training)
+    copy_training_flags(model, gm)
     return gm
 
 

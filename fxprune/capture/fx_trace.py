@@ -138,10 +138,24 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable = (), concrete_args: di
         name = type(model).__name__
         gm = _TracedModule(tracer.root, graph, name)
     gm._tracer_cls = gm.graph._tracer_cls = None  # pickles of the result must not need fxprune
-    flags = {name: m.training for name, m in model.named_modules()}
-    for name, m in gm.named_modules():  # every submodule keeps the model's own flag (mixed modes too)
-        m.__dict__["training"] = flags.get(name, model.training)  # as Module.__setattr__ would
+    copy_training_flags(model, gm)
     return gm
+
+
+def copy_training_flags(model: torch.nn.Module, gm: torch.nn.Module) -> None:
+    """Every submodule of ``gm`` takes the train/eval flag of ``model``'s module of the same name
+    (mixed modes too), the root's flag where ``model`` has no such module.
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2)).eval()
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 2)))  # train mode
+        >>> copy_training_flags(m, gm)
+        >>> gm.training, gm.get_submodule("0").training
+        (False, False)
+    """
+    flags = {name: m.training for name, m in model.named_modules()}
+    for name, m in gm.named_modules():
+        m.__dict__["training"] = flags.get(name, model.training)  # as Module.__setattr__ would
 
 
 def check_inputs(example_inputs: Any) -> tuple:

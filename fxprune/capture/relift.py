@@ -133,7 +133,13 @@ def innermost_module(node: fx.Node) -> tuple[str, str] | None:
     return path, cls
 
 
-def _resolve(root: nn.Module, target: str) -> Any:
+def resolve(root: nn.Module, target: str) -> Any:
+    """``root``'s attribute at the dotted path ``target`` (``"layer1.0.conv1.weight"``), None when absent.
+
+    Example:
+        >>> resolve(nn.Sequential(nn.Linear(2, 3)), "0.weight").shape
+        torch.Size([3, 2])
+    """
     obj = root
     for part in target.split("."):
         obj = getattr(obj, part, None)
@@ -154,7 +160,7 @@ def _schema_kwargs(node: fx.Node, root: nn.Module) -> dict | None:
         else:
             return None
         if isinstance(value, fx.Node):
-            value = _resolve(root, value.target) if value.op == "get_attr" else value
+            value = resolve(root, value.target) if value.op == "get_attr" else value
         out[a.name] = value
     return out
 
