@@ -194,10 +194,43 @@ def _attention(m: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
 
 # Ops whose meta kernels (Python references with type promotion and checks) cost ~0.1 ms each:
 # (args, kwargs) -> output or None (the meta kernel decides).
+def _functional_batch_norm(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, training, ...)`` (timm's norm+act
+    layers call it): the input's shape when every per-channel tensor fits the channel count.
+    Its meta kernel is a decomposition costing ~5 ms a call."""
+    names = ("input", "running_mean", "running_var", "weight", "bias")
+    values = dict(zip(names, args))
+    values.update((k, v) for k, v in kwargs.items() if k in names)
+    x = values.get("input")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point() \
+            or set(kwargs) - {*names, "training", "momentum", "eps"}:
+        return None
+    for name in names[1:]:
+        v = values.get(name)
+        if v is not None and (not isinstance(v, torch.Tensor) or tuple(v.shape) != (x.shape[1],) or v.dtype != x.dtype):
+            return None
+    if kwargs.get("training", args[5] if len(args) > 5 else False) and x.numel() // x.shape[1] <= 1:
+        return None  # the kernel refuses batch statistics of one value per channel
+    return _same(x)
+
+
+def _unary(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A shape-preserving activation on one floating tensor (no ``inplace`` aliasing to track)."""
+    if len(args) != 1 or set(kwargs) - {"inplace", "approximate"} or not isinstance(args[0], torch.Tensor) \
+            or not args[0].is_floating_point():
+        return None
+    return _same(args[0])
+
+
 _HASHABLE = (types.BuiltinFunctionType, types.FunctionType)  # targets that may key _FUNCTION_RULES
 _FUNCTION_RULES = {operator.add: _binary, operator.mul: _binary, operator.sub: _binary,
-                   operator.truediv: _binary, torch.add: _binary, torch.mul: _binary, torch.cat: _cat}
-_METHOD_RULES = {"add": _binary, "mul": _binary, "sub": _binary, "div": _binary}
+                   operator.truediv: _binary, torch.add: _binary, torch.mul: _binary, torch.cat: _cat,
+                   torch.nn.functional.batch_norm: _functional_batch_norm,
+                   **{f: _unary for f in (torch.nn.functional.relu, torch.nn.functional.silu, torch.nn.functional.gelu,
+                                          torch.nn.functional.hardswish, torch.nn.functional.hardsigmoid,
+                                          torch.nn.functional.relu6, torch.sigmoid, torch.tanh, torch.relu)}}
+_METHOD_RULES = {"add": _binary, "mul": _binary, "sub": _binary, "div": _binary,
+                 "sigmoid": _unary, "relu": _unary, "tanh": _unary}
 # Modules called with several inputs: (module, args, kwargs) -> output or None.
 _MODULE_CALL_RULES = {torch.nn.MultiheadAttention: _attention}
 

@@ -38,6 +38,8 @@ class LeafTracer(fx.Tracer):
         # torch.fx patches nn.Module.__call__ and __getattr__ for the whole process while it
         # traces: calls from other threads must run eagerly, untouched by this trace
         self._owner = threading.get_ident()
+        self.__dict__.pop("_parameter_names", None)  # tables of the previous root, if any
+        self.__dict__.pop("_buffer_names", None)
         return super().trace(root, concrete_args)
 
     def _other_thread(self) -> bool:
@@ -49,9 +51,44 @@ class LeafTracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
+        """torch.fx's own lookup scans every named parameter of the root per attribute read
+        (quadratic in model size); this one reads a table made once per trace, same result."""
         if self._other_thread():
             return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        name = None
+        if isinstance(attr_val, torch.nn.Parameter):
+            name = self._names("_parameter_names", self.root.named_parameters).get(id(attr_val))
+        if name is None and self.proxy_buffer_attributes:
+            name = self._names("_buffer_names", self.root.named_buffers).get(id(attr_val))
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            factory = None if not self.param_shapes_constant else \
+                (lambda node: fx.proxy.ParameterProxy(self, node, name, attr_val))
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {}, proxy_factory_fn=factory)
+        return parameter_proxy_cache[name]
+
+    def create_arg(self, a: Any) -> Any:
+        """A parameter or buffer passed as a plain tensor becomes a ``get_attr`` node found in a
+        table, not by torch.fx's scan of every named parameter/buffer per argument."""
+        if isinstance(a, torch.Tensor) and not self._other_thread():
+            name = self._names("_parameter_names", self.root.named_parameters).get(id(a)) \
+                if isinstance(a, torch.nn.Parameter) else self._names("_buffer_names", self.root.named_buffers).get(id(a))
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+    def _names(self, slot: str, named) -> dict:
+        """``{id(tensor): first name}`` of the root's parameters or buffers, made on first use."""
+        table = self.__dict__.get(slot)
+        if table is None:
+            table = {}
+            for n, t in named():
+                table.setdefault(id(t), n)
+            self.__dict__[slot] = table
+        return table
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
