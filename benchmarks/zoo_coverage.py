@@ -75,6 +75,26 @@ def structure(out):
     return type(out).__name__
 
 
+FAMILIES = os.path.join(HERE, "results", "timm_families.json")
+
+
+def _timm_families() -> dict[str, str]:
+    """``model_zoo.timm_families()`` (minutes: every timm model is built on the meta device to
+    rank its size), cached in benchmarks/results/timm_families.json per timm version."""
+    import timm
+    if os.path.exists(FAMILIES):
+        with open(FAMILIES) as f:
+            cached = json.load(f)
+        if cached.get("timm") == timm.__version__:
+            return cached["families"]
+    families = model_zoo.timm_families()
+    os.makedirs(os.path.dirname(FAMILIES), exist_ok=True)
+    with open(FAMILIES + ".tmp", "w") as f:
+        json.dump({"timm": timm.__version__, "families": families}, f, indent=1)
+    os.replace(FAMILIES + ".tmp", FAMILIES)
+    return families
+
+
 def catalogue(libraries: list[str], only: list[str] | None) -> list[tuple[str, str]]:
     """``(library, model name)`` pairs to run; timm's are the smallest model of each family."""
     rows = []
