@@ -93,8 +93,10 @@ def analyse_model(model: torch.nn.Module, policy, inputs: tuple, timings: dict,
             check_model(model, leaf_modules)
         gm, info = _captured_with_shapes(model, inputs, timings, capture, leaf_modules, concrete_args)
         gm.meta["fxprune_capture"] = info.to_dict()
+        by_query_heads = policy.structure_ratio("query-heads") is not None  # fxprune.coupling.gqa_rules
+        gm.meta["fxprune_coupling"] = {"gqa": "query-heads" if by_query_heads else "kv-groups"}
         with stage("coupling", timings):
-            an = analyse(gm)
+            an = analyse(gm, getattr(policy, "prune_outputs", False))
             groups, comp_to_group, index = build_groups(
                 an, lambda owner: policy.ignores(owner, an.modules.get(owner)))
     return gm, an, groups, comp_to_group, index

@@ -21,6 +21,11 @@ class Policy:
             whose output channels are never removed (their input channels may still shrink).
         min_channels: no group is left narrower than this (default 1).
         round_to: the kept width of every group is a multiple of this (``None``: no rounding).
+            For attention heads (kinds ``head``, ``kv-group``, ``query-heads``) it applies to the
+            channel width, ``kept heads x head_dim``: the fewest heads whose q/k/v/o widths are all
+            multiples of ``round_to``, rounded up; where no whole number of heads in the group
+            allows that, the nearest whole number of heads at or above the rounded width is kept
+            and the group's note says why.
         exact_only: prune only groups whose removal is exact (no channel-mixing op on the way).
         scope: ``"local"`` removes ``ratio`` of every group; ``"global"`` ranks all channels
             together after ``normalize`` and removes ``ratio`` of all removable channels.
@@ -47,6 +52,17 @@ class Policy:
             whole. Named kinds keep their ratio in global scope (they are not ranked with the
             rest) and under a budget (the search sets the others), like overrides; module
             overrides beat them. ``fxprune.explain`` shows each group's kind.
+            Grouped-query attention (Llama, Mistral, Qwen2) loses whole kv groups (a key/value
+            head with its query heads) by default; naming ``"query-heads"`` instead removes the
+            same number of query heads from every kv group and keeps every key/value head
+            (``{"query-heads": 0.5}`` with 4 query heads per kv head: each kv group keeps 2;
+            ``q_proj`` rows and ``o_proj`` columns go, ``repeat_kv``'s ``n_rep`` is rewritten).
+            A count that does not split evenly is rounded up to one that does, with a note.
+        prune_outputs: channels that reach a model output are kept by default (``False``): the
+            width of every output stays what it was. ``True`` lets groups that reach an output
+            be pruned too (that output then has fewer channels; ``fxprune.verify`` compares its
+            kept channels); a list of output indices (position in the returned tuple/list) or
+            names (keys of a returned dict / ``ModelOutput``) narrows only those outputs.
 
     Example:
         >>> p = Policy(importance="l1", ratio=0.5, round_to=8)
@@ -62,6 +78,10 @@ class Policy:
         fxprune.errors.PolicyError: exact_only must be True or False (a bool); got 'no' (str)
         >>> Policy(ratio=0.5, structures={"heads": 0.25, "mlp": 0.0}).structure_ratio("head")
         0.25
+        >>> Policy(structures={"query_heads": 0.5}).structures   # GQA: query heads in every kv group
+        (('query-heads', 0.5),)
+        >>> Policy(prune_outputs=[1, "logits"]).prune_outputs
+        (1, 'logits')
     """
 
     importance: Any = "l1"
@@ -79,6 +99,7 @@ class Policy:
     latency: float | None = None
     device: str = "cpu"
     structures: Any = ()
+    prune_outputs: Any = False
 
     def __post_init__(self):
         for field, accepts, expected in _FIELD_RULES:
@@ -90,6 +111,7 @@ class Policy:
         object.__setattr__(self, "ignore", _checked_ignore(self.ignore))
         object.__setattr__(self, "overrides", _checked_overrides(self.overrides))
         object.__setattr__(self, "structures", _checked_structures(self.structures))
+        object.__setattr__(self, "prune_outputs", _checked_prune_outputs(self.prune_outputs))
         if isinstance(self.importance, str):
             from .importance.registry import check_name
             check_name(self.importance)
@@ -137,6 +159,18 @@ class Policy:
         """
         return next((float(r) for k, r in self.structures if k == kind), None)
 
+    def narrows_output(self, index: int, name: str | None = None) -> bool:
+        """True when ``prune_outputs`` lets model output ``index`` (named ``name``) lose channels.
+
+        Example:
+            >>> Policy().narrows_output(0), Policy(prune_outputs=True).narrows_output(3)
+            (False, True)
+            >>> Policy(prune_outputs=["aux"]).narrows_output(1, "aux"), Policy(prune_outputs=[0]).narrows_output(1)
+            (True, False)
+        """
+        from .coupling.outputs import narrowed
+        return narrowed(self.prune_outputs, index, name)
+
     def ignores(self, module_name: str, module: torch.nn.Module | None) -> bool:
         """True when ``module_name``/``module`` is listed in ``ignore``.
 
@@ -167,6 +201,7 @@ class Policy:
         out["ignore"] = [name(i) for i in self.ignore]
         out["overrides"] = [[name(k), r] for k, r in self.overrides]
         out["structures"] = dict(self.structures)
+        out["prune_outputs"] = self.prune_outputs if isinstance(self.prune_outputs, bool) else list(self.prune_outputs)
         return out
 
 
@@ -255,7 +290,7 @@ def _checked_overrides(overrides: Any) -> tuple:
 def _checked_structures(structures: Any) -> tuple:
     """``structures`` as a tuple of ``(kind, ratio)`` pairs in ``KINDS`` order, keys spelled canonically."""
     from .group_kinds import KINDS, canonical_kind
-    allowed = "channel(s), head(s), kv-group(s), hidden, mlp"
+    allowed = "channel(s), head(s), kv-group(s), hidden, mlp, query-heads"
     if isinstance(structures, dict):
         pairs = list(structures.items())
     elif isinstance(structures, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2
@@ -275,6 +310,22 @@ def _checked_structures(structures: Any) -> tuple:
             raise PolicyError(f"structures ratio for {key!r} must be a number in [0, 1]; got {_shown(ratio)}")
         found[kind] = ratio
     return tuple((k, found[k]) for k in KINDS if k in found)
+
+
+def _checked_prune_outputs(value: Any) -> bool | tuple:
+    """``prune_outputs`` as a bool or a tuple of distinct output indices (int >= 0) and names (str)."""
+    expected = ("prune_outputs must be True, False or a list of model output indices (int >= 0) "
+                "or names (str)")
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, (tuple, list)):
+        raise PolicyError(f"{expected}; got {_shown(value)}")
+    for item in value:
+        if not ((_is_int(item) and item >= 0) or (isinstance(item, str) and item)):
+            raise PolicyError(f"{expected}; the entry {_shown(item)} is neither")
+    if len(set(value)) != len(value):
+        raise PolicyError(f"prune_outputs names an output twice: {list(value)!r}")
+    return tuple(value)
 
 
 def kept_width(size: int, ratio: float, min_channels: int, round_to: int | None, floor: int = 0) -> int:

@@ -201,7 +201,8 @@ def check_plan(data: Any, source: str | os.PathLike = "<plan dict>") -> dict:
     naming ``source`` and the first offending field.
 
     Checked: ``format``, ``version`` (an integer, not newer than this fxprune reads), the
-    optional ``model``/``policy``/``input_shapes``/``edited`` types, and for each group an
+    optional ``model``/``policy``/``input_shapes``/``edited`` types (and the policy's optional
+    ``prune_outputs``: True, False or a list of output indices/names), and for each group an
     integer ``id`` (unique), a positive ``size``, a non-empty ``signature`` (unique) and
     ``removed``: distinct integers in ``0..size-1`` that leave at least one channel; an optional
     ``kind`` must be a group kind (``fxprune.group_kinds.KINDS``). Whether the
@@ -234,9 +235,31 @@ def check_plan(data: Any, source: str | os.PathLike = "<plan dict>") -> dict:
                 problems.append((f"groups[{i}].{key}", f"repeats groups[{seen[value]}].{key} ({value[:80]})"))
                 break
             seen[value] = i
+    if not problems:
+        problems = _policy_problems(data.get("policy"))
     if problems:
         raise PlanFormatError(source, *problems[0])
     return data
+
+
+def _policy_problems(policy: Any) -> list[tuple[str, str]]:
+    """The saved policy's ``prune_outputs`` (optional: plans written before it load as False)
+    must be a valid ``Policy.prune_outputs`` value: ``rebuild`` pins outputs by it."""
+    if not isinstance(policy, dict) or "prune_outputs" not in policy:
+        return []
+    from .errors import PolicyError
+    from .policy import _checked_prune_outputs
+    try:
+        _checked_prune_outputs(policy["prune_outputs"])
+    except PolicyError as err:
+        return [("policy.prune_outputs", str(err))]
+    return []
+
+
+def _saved_prune_outputs(data: dict) -> Any:
+    """``Policy.prune_outputs`` of a saved plan (False when the plan has none)."""
+    value = (data.get("policy") or {}).get("prune_outputs", False)
+    return value if isinstance(value, bool) else tuple(value)
 
 
 def load_plan(path: str | os.PathLike) -> dict:
@@ -335,7 +358,7 @@ def rebuild(model: torch.nn.Module, plan: Any, example_inputs: Any, *, state_dic
     data = check_plan(plan) if isinstance(plan, dict) else load_plan(plan)
     inputs = check_inputs(example_inputs)
     timings: dict[str, float] = {}
-    policy = Policy(importance="l1", ratio=0.0)
+    policy = Policy(importance="l1", ratio=0.0, prune_outputs=_saved_prune_outputs(data))
     gm, an, groups, comp_to_group, index = analyse_model(model, policy, inputs, timings, leaf_modules,
                                                          concrete_args)
     _match_groups(data, groups, source)

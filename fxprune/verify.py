@@ -15,22 +15,42 @@ from .rewrite.apply import _apply_edits
 class MaskedInterpreter(fx.Interpreter):
     """Runs the original graph, zeroing listed channels of listed node outputs.
 
+    A listed node that the model returns is an output narrowed by ``Policy(prune_outputs=...)``
+    (by default no output loses channels): with ``narrow_outputs`` (the default) its removed
+    channels are dropped from the returned tensor, as the pruned model drops them.
+
     Example:
         >>> gm = torch.fx.symbolic_trace(torch.nn.ReLU())
-        >>> MaskedInterpreter(gm, {"relu": (1, [0])}).run(torch.ones(1, 2))
+        >>> MaskedInterpreter(gm, {"relu": (1, [0])}, narrow_outputs=False).run(torch.ones(1, 2))
         tensor([[0., 1.]])
+        >>> MaskedInterpreter(gm, {"relu": (1, [0])}).run(torch.ones(1, 2))
+        tensor([[1.]])
     """
 
-    def __init__(self, gm: fx.GraphModule, zero: dict[str, tuple[int, list[int]]]):
+    def __init__(self, gm: fx.GraphModule, zero: dict[str, tuple[int, list[int]]], narrow_outputs: bool = True):
         super().__init__(gm)
         self.zero = {name: (dim, torch.tensor(idx, dtype=torch.long)) for name, (dim, idx) in zero.items()}
+        self.narrow_outputs = narrow_outputs
 
     def run_node(self, n: fx.Node) -> Any:
+        if n.op == "output" and self.narrow_outputs:
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), self._narrowed)
+            return self.output(n.target, args, kwargs)
         result = super().run_node(n)
         if n.name in self.zero and isinstance(result, torch.Tensor):
             dim, idx = self.zero[n.name]
             result = result.index_fill(dim, idx.to(result.device), 0)
         return result
+
+    def _narrowed(self, node: fx.Node) -> Any:
+        """A returned value without its removed channels (the pruned model's output width)."""
+        value = self.env[node]
+        if node.name not in self.zero or not isinstance(value, torch.Tensor):
+            return value
+        dim, idx = self.zero[node.name]
+        keep = torch.ones(value.shape[dim], dtype=torch.bool)
+        keep[idx] = False
+        return value.index_select(dim, keep.nonzero().squeeze(1).to(value.device))
 
 
 def _leaves(value: Any) -> list[torch.Tensor]:
@@ -70,7 +90,8 @@ class Verification:
 
 def masked_outputs(plan, inputs: tuple) -> Any:
     """Outputs of the original with ``plan.edits`` applied and removed channels zeroed (node
-    outputs listed by ``plan.removed_channels()``, parameter rows by ``plan.masked_params()``)."""
+    outputs listed by ``plan.removed_channels()``, parameter rows by ``plan.masked_params()``);
+    outputs narrowed by ``Policy(prune_outputs=...)`` hold only their kept channels."""
     ref = copy.deepcopy(plan.traced)
     _apply_edits(ref, plan.edits)
     for target, (dim, idx) in plan.masked_params().items():
@@ -102,7 +123,8 @@ def verify(pruned: fx.GraphModule, inputs: tuple | None = None, plan=None, toler
            raise_on_failure: bool = False) -> Verification:
     """Check a pruned model against the mask oracle (eval mode, no grad, on private copies).
 
-    The tolerance defaults to 1e-9 for float64 outputs and 1e-4 otherwise. A model that returns
+    The tolerance defaults to 1e-9 for float64 outputs and 1e-4 otherwise. An output narrowed by
+    ``Policy(prune_outputs=...)`` is compared on its kept channels. A model that returns
     no tensor cannot be checked: the result is then not ok (``max_error`` NaN, ``reason`` says
     so), and ``raise_on_failure=True`` raises ``VerificationError`` with the reason.
 

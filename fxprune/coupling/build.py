@@ -1,16 +1,20 @@
 """Stage 3: run every node's rule once, in graph order, and collect the coupling state."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch.fx as fx
 
 from .ops import rule_for
+from .outputs import check_selection
 from .rules import describe, opaque
 from .state import Analysis
 from ..errors import StageError
 
 
-def analyse(gm: fx.GraphModule) -> Analysis:
-    """Couple the channel spaces of a shape-annotated GraphModule.
+def analyse(gm: fx.GraphModule, prune_outputs: Any = False) -> Analysis:
+    """Couple the channel spaces of a shape-annotated GraphModule; ``prune_outputs`` (a
+    ``Policy.prune_outputs`` value) says which model outputs may lose channels.
 
     Example:
         >>> import torch
@@ -20,7 +24,9 @@ def analyse(gm: fx.GraphModule) -> Analysis:
         >>> sorted(k for k in analyse(gm).params)
         [('0.bias', 0), ('0.weight', 0), ('0.weight', 1), ('1.bias', 0), ('1.weight', 0), ('1.weight', 1)]
     """
+    check_selection(gm.graph, prune_outputs)
     an = Analysis(gm)
+    an.prune_outputs = prune_outputs  # read by the output rule (fxprune.coupling.outputs)
     for node in gm.graph.nodes:
         rule = rule_for(an, node)
         try:

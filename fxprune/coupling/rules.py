@@ -77,7 +77,11 @@ def get_attr(an: Analysis, node: fx.Node) -> Any:
 
 
 def output(an: Analysis, node: fx.Node) -> Any:
-    an.pin_args(node, "reaches a model output")
+    """Channels that reach a model output keep it whole, unless ``Policy.prune_outputs`` narrows
+    that output (``fxprune.coupling.outputs``); tied tensors are settled once every use is seen."""
+    from .outputs import pin_outputs
+    pin_outputs(an, node, an.prune_outputs)
+    an.tie_aliases()
     return None
 
 
@@ -259,13 +263,55 @@ def conv_module(an: Analysis, node: fx.Node) -> Any:
     return opaque(an, node, f"{describe(node)}: grouped convolution (groups={m.groups}) is not supported yet")
 
 
+def batch_dim_channels(an: Analysis, node: fx.Node, x: Any, x_dim: int, params: tuple) -> Any:
+    """A linear map over ``x_dim`` whose input carries its channels on another dim: for the map
+    those channels are a batch dim (each channel's slice is transformed on its own), so they pass
+    through unchanged and exactly, and the map's own tensors (``params``, None entries skipped)
+    keep their shape: they are frozen, so no other use of them may slice them. Returns None when
+    ``x``'s channels are on ``x_dim``, unknown, or fixed (a model input's or an opaque op's,
+    which can never go): the caller contracts ``x_dim`` and makes new channels there.
+
+    Example (timm gMLP's spatial gating: ``proj(v.transpose(-1, -2))`` mixes tokens)::
+
+        >>> import torch, fxprune
+        >>> class Gate(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc, self.proj, self.out = torch.nn.Linear(4, 6), torch.nn.Linear(5, 5), torch.nn.Linear(6, 4)
+        ...     def forward(self, x):
+        ...         return self.out(self.proj(self.fc(x).transpose(1, 2)).transpose(1, 2))
+        >>> p = fxprune.plan(Gate(), fxprune.Policy(ratio=0.5), (torch.randn(1, 5, 4),))
+        >>> [(g.size, g.kept) for g in p.groups if g.removed]
+        [(6, 3)]
+        >>> fxprune.apply(p).proj
+        Linear(in_features=5, out_features=5, bias=True)
+    """
+    v = an.tensor_info(x)
+    nd = ndim(an, x)
+    out_shape = an.shape(node)
+    if v is None or nd is None or v.dim == x_dim or _fixed_channels(an, v) or not is_tensor_shape(out_shape) \
+            or len(out_shape) != nd or out_shape[v.dim] != len(v.units):
+        return None
+    why = (f"{describe(node)} maps dim {x_dim} while the channels sit on dim {v.dim} (a batch dim "
+           "for it): its weight keeps its shape")
+    for target in params:
+        if target is not None:
+            an.frozen_params.setdefault(target, why)
+    return ChannelInfo(v.dim, v.units)
+
+
 def linear_module(an: Analysis, node: fx.Node) -> Any:
+    """``nn.Linear``: contracts the last dim; channels on another dim pass through (a batch dim)."""
     m = an.modules[node.target]
     x = arg(node, 0, "input")
     nd = ndim(an, x)
     bias = f"{node.target}.bias" if m.bias is not None else None
-    return contract(an, node, x, nd - 1, f"{node.target}.weight", 1, 0, m.out_features, bias,
-                    node.target, nd - 1)
+    weight = f"{node.target}.weight"
+    if nd is not None:
+        through = batch_dim_channels(an, node, x, nd - 1, (weight, bias))
+        if through is not None:
+            return through
+    return contract(an, node, x, nd - 1, weight, 1, 0, m.out_features, bias, node.target, nd - 1)
 
 
 def _functional_params(an: Analysis, node: fx.Node, bias_pos: int) -> tuple:
@@ -293,6 +339,9 @@ def linear_functional(an: Analysis, node: fx.Node) -> Any:
     if weight is None:
         return opaque(an, node, f"{describe(node)}: weight is not a get_attr parameter")
     nd = ndim(an, x)
+    through = batch_dim_channels(an, node, x, nd - 1, (weight, bias)) if nd is not None else None
+    if through is not None:
+        return through
     out = an.param_tensor(weight).shape[0]
     return contract(an, node, x, nd - 1, weight, 1, 0, out, bias, weight, nd - 1)
 
@@ -319,6 +368,9 @@ def addmm_functional(an: Analysis, node: fx.Node) -> Any:
     if not isinstance(w, ParamRef) or not isinstance(b, ParamRef) or ndim(an, x) != 2 \
             or an.param_tensor(b.target).dim() != 1:
         return opaque(an, node, f"{describe(node)}: only bias + x @ weight on get_attr parameters is supported")
+    through = batch_dim_channels(an, node, x, 1, (w.target, b.target))
+    if through is not None:
+        return through
     out = an.param_tensor(w.target).shape[1]
     return contract(an, node, x, 1, w.target, 0, 1, out, b.target, w.target, 1)
 

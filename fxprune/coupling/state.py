@@ -62,6 +62,7 @@ class Analysis:
         self.mask_sites: set[tuple[str, int]] = set()
         self.module_widths: dict[str, tuple[int, ...]] = {}
         self.literals: dict[str, tuple[str, Any]] = {}
+        self.prune_outputs: Any = False  # Policy.prune_outputs: which model outputs may lose channels
         self._aliases: dict[str, tuple[str, ...]] | None = None
 
     # -- values -------------------------------------------------------------------------
