@@ -87,9 +87,11 @@ def copy_module(module: nn.Module, memo: dict) -> nn.Module:
     return new
 
 
-def copy_graph_module(gm: fx.GraphModule, memo: dict | None = None) -> fx.GraphModule:
+def copy_graph_module(gm: fx.GraphModule, memo: dict | None = None, codegen: bool = True) -> fx.GraphModule:
     """A deep copy of ``gm`` as a plain ``torch.fx.GraphModule`` with its code generated (also
     when ``gm`` defers code generation); tensors found in ``memo`` (by id) are mapped as it says.
+    ``codegen=False`` leaves code generation to the caller, who edits the graph and must call
+    ``recompile()`` before the copy runs (one code generation instead of two).
 
     Example:
         >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2)))
@@ -105,5 +107,9 @@ def copy_graph_module(gm: fx.GraphModule, memo: dict | None = None) -> fx.GraphM
     copied = fx.GraphModule.__new__(fx.GraphModule)  # a class of its own, as GraphModule() makes
     copied.__dict__.update(state)  # the module tree was copied whole: no attribute walk needed
     copied.__class__.__name__ = type(gm).__name__
-    copied.graph = state["_graph"]  # owning module, code generation
+    if codegen:
+        copied.graph = state["_graph"]  # owning module, code generation
+    else:
+        copied._graph = state["_graph"]
+        copied._graph.owning_module = copied
     return copied

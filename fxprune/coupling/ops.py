@@ -135,12 +135,14 @@ FUNCTION_RULES.update({
     torch.moveaxis: T.movedim, torch.swapaxes: L.transpose, torch.swapdims: L.transpose,
     torch.einsum: T.einsum, torch.addmm: R.addmm_functional, torch.matmul: T.matmul, operator.matmul: T.matmul, torch.bmm: T.matmul,
     F.scaled_dot_product_attention: T.scaled_dot_product_attention,
+    **{f: T.creation for f in T.CREATION_SIZE if not isinstance(f, str)},
     operator.getitem: index_rules.getitem,  # adds parameter tables gathered by index to L.getitem
 })
 METHOD_RULES.update({
     "expand": T.expand, "expand_as": T.expand, "repeat": T.repeat, "unsqueeze": T.unsqueeze,
     "squeeze": T.squeeze, "movedim": T.movedim, "moveaxis": T.movedim, "swapaxes": L.transpose,
     "swapdims": L.transpose, "roll": T.roll, "matmul": T.matmul, "bmm": T.matmul, "unbind": T.unbind,
+    **{m: T.creation for m in T.CREATION_SIZE if isinstance(m, str)},
 })
 MODULE_RULES[nn.MultiheadAttention] = A.multihead_attention
 try:  # torchvision's Swin functions are kept whole by torch.fx.wrap

@@ -105,7 +105,7 @@ def _copy_sharing(traced: fx.GraphModule, slices: list) -> fx.GraphModule:
         path, _, name = target.rpartition(".")
         tensor = getattr(modules[path], name)
         memo[id(tensor)] = tensor
-    return copy_graph_module(traced, memo)
+    return copy_graph_module(traced, memo, codegen=False)  # ``finish`` generates the code once
 
 
 def _module_widths(plan, kept: Kept) -> dict[str, int]:
@@ -271,18 +271,19 @@ def _is_impure(node: fx.Node) -> bool:
     return False
 
 
-def finish(gm: fx.GraphModule, graph_changed: bool = True) -> fx.GraphModule:
+def finish(gm: fx.GraphModule, graph_changed: bool = True, codegen: bool = False) -> fx.GraphModule:
     """The finish sequence of every rewrite: DCE, drop unused submodules, lint, recompile.
 
     With ``graph_changed=False`` (only tensors were replaced) and nothing dead, the graph is an
     unchanged copy of torch.fx's trace (nothing to lint) and the code generated when it was
-    copied is kept.
+    copied is kept, unless ``codegen`` says the copy was made without code (then it is generated).
     """
     unused = any(not n.users and n.op not in ("output", "placeholder") for n in gm.graph.nodes)
     removed = unused and gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     if removed or graph_changed:
         gm.graph.lint()
         gm.delete_all_unused_submodules()
+    if removed or graph_changed or codegen:
         gm.recompile()
     return gm
 
@@ -305,6 +306,10 @@ def check_shapes(gm: fx.GraphModule, plan, kept: Kept) -> None:
             continue
         want = list(originals[node.name])
         want[out.dim] = kept.count(out.units)
+        literal = plan.analysis.literals.get(node.name)
+        if literal is not None and literal[0] == "repeat_kv":  # its n_rep dim shrinks too
+            units, kv, d, _ = literal[1]
+            want[d] = kept.count(units) // kv
         if tuple(want) != shape(node):
             raise VerificationError(
                 f"shape re-check failed at node {node.name!r}: planned {tuple(want)}, got {shape(node)}")
@@ -354,7 +359,7 @@ def _apply(plan) -> fx.GraphModule:
         _apply_edits(gm, plan.edits)
         modules = dict(gm.named_modules())
         _slice_tensors(gm, _cut(modules, slices), _module_widths(plan, kept), modules)
-        finish(gm, graph_changed=_rewrite_literals(gm, plan, kept))
+        finish(gm, graph_changed=_rewrite_literals(gm, plan, kept), codegen=True)
     except (StageError, VerificationError):
         raise
     except Exception as err:

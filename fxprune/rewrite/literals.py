@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch.fx as fx
 
 from ..coupling.rules import arg
+from ..coupling.tensor_rules import set_creation_size
 from .attention import decompose as decompose_attention
 
 
@@ -87,6 +88,13 @@ def view_dims(node: fx.Node, payload: tuple, kept: Callable) -> None:
         node.args = (node.args[0], tuple(dims)) if packed else (node.args[0], *dims)
 
 
+def creation_size(node: fx.Node, payload: tuple, kept: Callable) -> None:
+    """A creation op's size entry at the dim that carries channels (``torch.zeros((1, heads, q, k))``)."""
+    units, dim = payload
+    if kept(units) != len(units):
+        set_creation_size(node, dim, kept(units))
+
+
 REWRITERS: dict[str, Callable[[fx.Node, Any, Callable], None]] = {
     "attention": decompose_attention,
     "view_dims": view_dims,
@@ -94,6 +102,7 @@ REWRITERS: dict[str, Callable[[fx.Node, Any, Callable], None]] = {
     "normalized_shape": normalized_shape,
     "group_norm": group_norm,
     "mean_rescale": mean_rescale,
+    "creation_size": creation_size,
 }
 
 

@@ -1,0 +1,180 @@
+"""Analysis speed on timm: fxprune's plan+apply beside Torch-Pruning's prune, side by side.
+
+    pip install -e ".[zoo,bench]"
+    python benchmarks/timm_speed.py [--models resnet18 ...] [--repeats 3] [--timeout 300]
+                                    [--json benchmarks/results/timm_speed.json]
+
+One timm model per family (the smallest of each, as ``zoo_coverage.py`` picks them), random
+weights, eval mode, default input size. Per model, in one forked worker (one thread):
+
+1. a warm-up call of each tool, off the clock (first-call costs: lazy imports, kernel caches);
+2. ``--repeats`` rounds in alternating order (fxprune first in even rounds, Torch-Pruning first in
+   odd ones) of ``fxprune.plan`` + ``fxprune.apply`` (``Policy("l1", 0.5)``, default capture) and of
+   Torch-Pruning 1.6.1's ``MetaPruner(MagnitudeImportance(p=1), 0.5)`` construction + ``step()`` on
+   a deep copy made off the clock; the median of each is kept, and their ratio.
+
+The models both tools handle (both succeed in the warm-up) give the median and max of
+fxprune/Torch-Pruning; the three slowest models of each fxprune stage (trace, shapes, coupling,
+importance, select, apply) are listed, with each model's node count to show time per node.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch
+from tabulate import tabulate
+from tqdm import tqdm
+
+import fxprune
+from fxprune import model_zoo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "results", "timm_speed.json")
+RATIO = 0.5
+STAGES = ("trace", "shapes", "coupling", "importance", "select", "apply")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+zoo = _load("zoo_coverage")
+cov = zoo.cov
+
+
+def _fxprune_once(model: torch.nn.Module, inputs: tuple) -> tuple[float, dict, int]:
+    start = time.perf_counter()
+    plan = fxprune.plan(model, fxprune.Policy("l1", RATIO), inputs)
+    planned = time.perf_counter()
+    fxprune.apply(plan)
+    end = time.perf_counter()
+    stages = {k: v for k, v in plan.timings.items() if k in STAGES}
+    stages["apply"] = end - planned
+    return end - start, stages, len(plan.traced.graph.nodes)
+
+
+def _tp_once(model: torch.nn.Module, inputs: tuple, out) -> float:
+    import torch_pruning as tp
+    work = copy.deepcopy(model)
+    example = inputs[0] if len(inputs) == 1 else inputs
+    start = time.perf_counter()
+    pruner = tp.pruner.MetaPruner(work, example, importance=tp.importance.MagnitudeImportance(p=1),
+                                  pruning_ratio=RATIO, global_pruning=False, ignored_layers=zoo._ignored(work, out),
+                                  output_transform=cov.leaves)
+    pruner.step()
+    seconds = time.perf_counter() - start
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    if params(work) >= params(model):
+        raise RuntimeError("Torch-Pruning removed nothing")
+    with torch.no_grad():
+        if zoo.structure(work(*inputs)) != zoo.structure(out):
+            raise RuntimeError("Torch-Pruning's pruned model changed the output structure")
+    return seconds
+
+
+def _attempt(fn, *args):
+    try:
+        return fn(*args), None
+    except Exception as err:  # a tool failing on a model is a result, not a crash
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+
+
+def measure_model(name: str, repeats: int) -> dict:
+    model, inputs = model_zoo.build("timm", name)
+    with torch.no_grad():
+        out = model(*inputs)
+    row: dict = {"model": name}
+    fx_warm, fx_error = _attempt(_fxprune_once, model, inputs)
+    tp_warm, tp_error = _attempt(_tp_once, model, inputs, out)
+    row["fx_error"], row["tp_error"] = fx_error, tp_error
+    if fx_warm is None:
+        return row
+    fx_times, tp_times, stage_runs = [], [], []
+    for i in range(repeats):
+        order = ("fx", "tp") if i % 2 == 0 else ("tp", "fx")
+        for tool in order:
+            if tool == "fx":
+                seconds, stages, nodes = _fxprune_once(model, inputs)
+                fx_times.append(seconds)
+                stage_runs.append(stages)
+            elif tp_warm is not None:
+                tp_times.append(_tp_once(model, inputs, out))
+    row["nodes"] = nodes
+    row["fx_s"] = statistics.median(fx_times)
+    row["stages"] = {k: statistics.median(r.get(k, 0.0) for r in stage_runs) for k in STAGES}
+    if tp_times:
+        row["tp_s"] = statistics.median(tp_times)
+        row["ratio"] = row["fx_s"] / row["tp_s"]
+    return row
+
+
+def _worker(send, name: str, repeats: int) -> None:
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        send(measure_model(name, repeats))
+
+
+def summary(rows: list[dict]) -> str:
+    both = [r for r in rows if "ratio" in r]
+    lines = []
+    if both:
+        ratios = [r["ratio"] for r in both]
+        worst = max(both, key=lambda r: r["ratio"])
+        lines.append(f"fxprune plan+apply / Torch-Pruning prune over the {len(both)} models both handle: "
+                     f"median {statistics.median(ratios):.2f}, max {max(ratios):.2f} ({worst['model']}); "
+                     f"{sum(x <= 1.0 for x in ratios)}/{len(both)} at or under 1.0")
+        lines.append(tabulate(sorted(([r["model"], r["nodes"], round(r["fx_s"], 3), round(r["tp_s"], 3),
+                                       round(r["ratio"], 2)] for r in both), key=lambda x: -x[-1])[:15],
+                              headers=["model (15 highest ratios)", "nodes", "fxprune s", "TP s", "ratio"]))
+    timed = [r for r in rows if "stages" in r]
+    for stage in STAGES:
+        slow = sorted(timed, key=lambda r: -r["stages"][stage])[:3]
+        lines.append(f"slowest {stage}: " + ", ".join(
+            f"{r['model']} {r['stages'][stage]:.2f} s ({r['nodes']} nodes)" for r in slow))
+    if timed:
+        per_node = [r["fx_s"] / r["nodes"] * 1e3 for r in timed]
+        lines.append(f"fxprune ms per graph node: median {statistics.median(per_node):.2f}, max {max(per_node):.2f}")
+    failed = [r for r in rows if r.get("fx_error") or "error" in r]
+    for r in failed:
+        lines.append(f"fxprune failed on {r['model']}: {r.get('fx_error') or r.get('error')}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--max-rss-gb", type=float, default=16)
+    parser.add_argument("--json", default=OUT)
+    args = parser.parse_args()
+    names = [n for _lib, n in zoo.catalogue(["timm"], args.models)]
+    rows = []
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    for name in tqdm(names, desc="timm speed"):
+        result, error = cov.run_isolated(_worker, (name, args.repeats), args.timeout, args.max_rss_gb)
+        rows.append(result if result is not None and not error else {"model": name, "error": (error or "no result")[:300]})
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"torch": torch.__version__, "fxprune": fxprune.__version__, "repeats": args.repeats,
+                       "rows": rows}, f, indent=1)
+        os.replace(tmp, args.json)
+    print(summary(rows))
+
+
+if __name__ == "__main__":
+    main()
