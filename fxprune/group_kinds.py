@@ -13,11 +13,17 @@ kind          what one channel of the group is
 ``hidden``    one channel of the residual stream / embedding width of a transformer
 ``mlp``       one channel of the intermediate width of a transformer MLP (``fc1 -> fc2``, and
               gated SwiGLU: ``gate`` and ``up`` rows with the ``down`` column)
+``query-      one query head of grouped-query attention, the key/value heads left whole; only
+heads``       when ``structures`` names this kind (it switches the coupling from ``kv-group``,
+              :mod:`fxprune.coupling.gqa_rules`), and every kv group loses as many query heads
+              as the others (the group's ``blocks``)
 ============  ===========================================================================
 
 The rules (:data:`RULES`) are tried in table order, each over all groups not yet classified,
 so a later rule may read the kinds that earlier rules gave (``mlp`` reads ``hidden``):
 
+0. **query-heads**: the group holds the query-head units of a ``repeat_kv`` (only in query-heads
+   mode); its ``blocks`` are the query heads of each kv group.
 1. **kv-group**: a head split (below) in the group shows more heads than the group has
    channels: several query heads land on one channel, because the key/value heads they share
    are repeated for them (``repeat_kv``: ``expand`` + ``reshape``).
@@ -57,7 +63,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
-KINDS = ("channel", "head", "kv-group", "hidden", "mlp")
+KINDS = ("channel", "head", "kv-group", "hidden", "mlp", "query-heads")
+
+# Kinds whose channels are whole attention heads (``round_to`` counts their channel width).
+HEAD_KINDS = ("head", "kv-group", "query-heads")
 
 # Accepted spellings of each kind in ``Policy(structures=...)``: singular or plural, ``-`` or ``_``.
 SPELLINGS = {
@@ -66,6 +75,8 @@ SPELLINGS = {
     "kv-group": "kv-group", "kv-groups": "kv-group", "kv_group": "kv-group", "kv_groups": "kv-group",
     "hidden": "hidden",
     "mlp": "mlp", "mlps": "mlp",
+    "query-heads": "query-heads", "query-head": "query-heads", "query_heads": "query-heads",
+    "query_head": "query-heads",
 }
 
 # Class names (any class in a module's MRO, or the last part of an ``nn_module_stack`` type
@@ -92,6 +103,7 @@ class Facts(NamedTuple):
     producer_group: dict      # parameter target -> groups it produces channels of
     by_id: dict               # group id -> group
     two_d: Callable[[str], bool]  # is this parameter a 2-D weight?
+    query_groups: dict        # group id -> blocks of query-head channels (repeat_kv, query-heads mode)
 
 
 class Rule(NamedTuple):
@@ -100,6 +112,10 @@ class Rule(NamedTuple):
     kind: str
     test: Callable[[Any, Facts, dict], bool]
     why: str
+
+
+def _is_query_heads(g, facts: Facts, kinds: dict) -> bool:
+    return g.id in facts.query_groups
 
 
 def _is_kv_group(g, facts: Facts, kinds: dict) -> bool:
@@ -115,7 +131,7 @@ def _is_stream(g, facts: Facts, kinds: dict) -> bool:
 
 
 def _written_by_attention(g, facts: Facts, kinds: dict) -> bool:
-    attention = {p.target for gid, kind in kinds.items() if kind in ("head", "kv-group")
+    attention = {p.target for gid, kind in kinds.items() if kind in HEAD_KINDS
                  for p in facts.by_id[gid].consumers}
     return any(p.target in attention for p in g.producers)
 
@@ -136,6 +152,7 @@ def _always(g, facts: Facts, kinds: dict) -> bool:
 
 
 RULES: tuple[Rule, ...] = (
+    Rule("query-heads", _is_query_heads, "query heads of a repeat_kv, pruned within each kv group (structures 'query-heads')"),
     Rule("kv-group", _is_kv_group, "a head split shows several query heads per channel (grouped-query attention)"),
     Rule("head", _is_head, "units made by a head split (a view into heads feeding attention, MultiheadAttention)"),
     Rule("hidden", _is_stream, "an Embedding, LayerNorm or RMSNorm acts on the channels (the residual stream)"),
@@ -188,6 +205,26 @@ def _head_splits(an, group_of_unit: Callable[[int], int | None]) -> tuple[set, s
     return heads, shared
 
 
+def _query_blocks(an, groups: list, group_of_unit: Callable[[int], int | None]) -> dict[int, tuple]:
+    """``{group id: blocks}`` for groups holding the query-head units of a ``repeat_kv`` literal
+    (``fxprune.coupling.gqa_rules``): each block is the channels of one kv group's query heads,
+    read off the reshape that lays them out."""
+    out: dict[int, tuple] = {}
+    by_id = {g.id: g for g in groups}
+    for kind, payload in an.literals.values():
+        if kind != "repeat_kv":
+            continue
+        units, kv, _dim, reshape = payload
+        gid = group_of_unit(units[0])
+        g = by_id.get(gid)
+        member = next((m for m in g.members if m.node == reshape), None) if g is not None else None
+        if member is None or gid in out or len(member.channels) != len(units):
+            continue
+        rep = len(units) // kv
+        out[gid] = tuple(tuple(member.channels[b * rep:(b + 1) * rep]) for b in range(kv))
+    return out
+
+
 def _stream_groups(an, groups: list) -> set:
     nodes = {n.name: n for n in an.gm.graph.nodes}
     out = set()
@@ -207,7 +244,8 @@ def _stream_groups(an, groups: list) -> set:
 
 def classify(an, groups: list, group_of_unit: Callable[[int], int | None]) -> dict[int, str]:
     """``{group id: kind}`` for ``groups`` of the analysis ``an`` by the table :data:`RULES`;
-    ``group_of_unit(u)`` is the group index of channel unit ``u`` (None: in no group).
+    ``group_of_unit(u)`` is the group index of channel unit ``u`` (None: in no group). Sets the
+    ``blocks`` of ``query-heads`` groups.
 
     Example:
         >>> import torch
@@ -231,13 +269,17 @@ def classify(an, groups: list, group_of_unit: Callable[[int], int | None]) -> di
             dims[target] = an.param_tensor(target).dim() == 2
         return dims[target]
 
-    facts = Facts(heads, shared, _stream_groups(an, groups), producer_group, {g.id: g for g in groups}, two_d)
+    query = _query_blocks(an, groups, group_of_unit)
+    facts = Facts(heads, shared, _stream_groups(an, groups), producer_group, {g.id: g for g in groups}, two_d,
+                  query)
     kinds: dict[int, str] = {}
     for rule in RULES:
         for g in groups:
             if g.id not in kinds and rule.test(g, facts, kinds):
                 kinds[g.id] = rule.kind
+    for g in groups:
+        g.blocks = query.get(g.id, ())
     return kinds
 
 
-__all__ = ["KINDS", "RULES", "SPELLINGS", "Rule", "canonical_kind", "classify"]
+__all__ = ["HEAD_KINDS", "KINDS", "RULES", "SPELLINGS", "Rule", "canonical_kind", "classify"]

@@ -6,6 +6,8 @@ normalisation. A budget (``flops=`` / ``params=``) searches the ratio (local) or
 or of a kind named in ``policy.structures``, keep their own ratio: they are not ranked with the
 rest, and a budget search moves only the others. Every group is clamped
 by its minimum width, rounding and unremovable channels, and a clamp is reported in its note.
+Groups of attention heads round their channel width (heads x head_dim), not their head count,
+and a ``query-heads`` group removes as many heads from every kv group (``fxprune.select_heads``).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from .budget import CostModel, bisect, budget_met
 from .errors import BudgetWarning, StageError
 from .policy import Policy, kept_width
+from .select_heads import block_floor, even_blocks, is_head_group, kept_heads, lowest_in_blocks, next_cut
 from .select_keys import group_weights, normalised
 
 
@@ -41,8 +44,14 @@ def _eligible(groups: list, scores: dict, policy: Policy) -> list:
 
 
 def _lowest(g, s: torch.Tensor, ratio: float, policy: Policy) -> tuple[int, ...]:
-    keep = kept_width(g.size, min(max(ratio, 0.0), 1.0), policy.min_channels, policy.round_to,
-                      floor=len(g.pinned))
+    ratio = min(max(ratio, 0.0), 1.0)
+    if is_head_group(g):
+        keep, _ = kept_heads(g, kept_width(g.size, ratio, policy.min_channels, None, floor=block_floor(g)),
+                             policy.round_to)
+        if g.blocks:
+            return lowest_in_blocks(g, s, keep)
+    else:
+        keep = kept_width(g.size, ratio, policy.min_channels, policy.round_to, floor=len(g.pinned))
     free = [c for c in range(g.size) if c not in g.pinned]
     order = sorted(free, key=s.tolist().__getitem__)  # stable: ties go by channel index
     return tuple(sorted(order[: g.size - keep]))
@@ -133,7 +142,8 @@ def select(groups: list, scores: dict[int, torch.Tensor], policy: Policy, cost: 
         g.removed = removal[g.id]
         _note_clamp(g, policy, chooser, summary)
         _note_structure(g, policy, modules or {})
-        _keep_every_member(g, scores[g.id], policy.round_to)
+        _keep_every_member(g, scores[g.id], None if is_head_group(g) else policy.round_to)
+        _add_note(g, even_blocks(g, scores[g.id]))
     if policy.budget is not None:
         summary["achieved"] = cost.fractions({g.id: g.removed for g in eligible})[summary["metric"]]
         summary["met"] = budget_met(summary["achieved"], summary["target"])
@@ -176,14 +186,11 @@ def _top_up(removal: dict, chooser: _Selector, cost: CostModel, metric: str, tar
         candidates = []
         for gid, g in list(open_groups.items()):
             gone = set(removal[gid])
-            step = (g.size - len(gone)) % rt or rt  # land on a multiple of round_to
-            free = [c for c in range(g.size) if c not in g.pinned and c not in gone]
-            floor = max(policy.min_channels, len(g.pinned))
-            if len(free) < step or g.size - len(gone) - step < floor:
+            s = chooser.scores[gid]
+            nxt = _next_channels(g, gone, s, policy, rt)
+            if not nxt:
                 del open_groups[gid]
                 continue
-            s = chooser.scores[gid]
-            nxt = sorted(free, key=lambda c: (float(s[c]), c))[:step]
             key = float(normalised(s, policy.normalize)[nxt[0]]) / chooser.weights.get(gid, 1.0)
             candidates.append((key, gid, nxt))
         accepted = False
@@ -199,14 +206,39 @@ def _top_up(removal: dict, chooser: _Selector, cost: CostModel, metric: str, tar
     return removal
 
 
+def _next_channels(g, gone: set, s: torch.Tensor, policy: Policy, rt: int) -> list[int] | None:
+    """The channels a top-up step removes next from ``g`` (lowest score first), or None."""
+    if is_head_group(g):
+        nxt = next_cut(g, gone, s, policy.round_to, max(policy.min_channels, block_floor(g)))
+        return sorted(nxt, key=lambda c: (float(s[c]), c)) if nxt else None
+    step = (g.size - len(gone)) % rt or rt  # land on a multiple of round_to
+    free = [c for c in range(g.size) if c not in g.pinned and c not in gone]
+    if len(free) < step or g.size - len(gone) - step < max(policy.min_channels, len(g.pinned)):
+        return None
+    return sorted(free, key=lambda c: (float(s[c]), c))[:step]
+
+
+def _add_note(g, note: str) -> None:
+    if note:
+        g.note = f"{g.note}; {note}" if g.note else note
+
+
 def _note_clamp(g, policy: Policy, chooser: _Selector, summary: dict) -> None:
     if policy.budget is not None or policy.scope == "global":
         if g.kept == len(g.pinned) and g.pinned and g.kept > policy.min_channels:
             g.note = f"kept {g.kept}: {len(g.pinned)} channels cannot be removed"
+        elif is_head_group(g) and g.removed and "not met" in kept_heads(g, g.kept, policy.round_to)[1]:
+            g.note = f"kept {g.kept}: " + kept_heads(g, g.kept, policy.round_to)[1]
         return
     ratio = chooser.fixed.get(g.id, float(policy.ratio) * chooser.weights.get(g.id, 1.0))
     asked = g.size - int(math.floor(min(ratio, 1.0) * g.size + 1e-9))
-    if g.kept != asked:
+    if is_head_group(g) and g.kept != asked:
+        floor = max(asked, policy.min_channels, block_floor(g))
+        why = [f"{block_floor(g)} heads cannot be removed"] if block_floor(g) > asked else []
+        why += [f"min_channels={policy.min_channels}"] if policy.min_channels > asked else []
+        why += [r for r in [kept_heads(g, floor, policy.round_to)[1]] if r]
+        g.note = f"kept {g.kept} instead of {asked} ({'; '.join(why) or 'rounding'})"
+    elif g.kept != asked:
         why = []
         if len(g.pinned) > asked:
             why.append(f"{len(g.pinned)} channels cannot be removed")

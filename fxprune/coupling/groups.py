@@ -43,7 +43,9 @@ class Group:
     ``pinned`` maps channels that can never go to the reason; ``exact`` is False when a
     channel-mixing op (e.g. LayerNorm over the channel dim) makes removal an approximation;
     ``kind`` says what structure a channel is: ``"channel"``, ``"head"``, ``"kv-group"``,
-    ``"hidden"`` or ``"mlp"`` (set by :func:`build_groups`, rules in ``fxprune.group_kinds``).
+    ``"hidden"``, ``"mlp"`` or ``"query-heads"`` (set by :func:`build_groups`, rules in
+    ``fxprune.group_kinds``). ``blocks``, where set, are channel sets that must each lose the same
+    number of channels (the query heads of each kv group, kind ``"query-heads"``).
 
     Example:
         >>> g = Group(0, 4, [], [], {}, {})
@@ -60,6 +62,7 @@ class Group:
     removed: tuple[int, ...] = ()
     note: str = ""
     kind: str = "channel"
+    blocks: tuple[tuple[int, ...], ...] = ()
 
     @property
     def exact(self) -> bool:

@@ -8,6 +8,7 @@ import torch.fx as fx
 
 from .rules import arg, describe, ndim, norm_dim, opaque
 from .attention_rules import split_heads
+from .gqa_rules import repeat_kv
 from .shuffle import split_channel_dim
 from .state import Analysis, ChannelInfo, ParamRef
 from ..shapes import is_tensor_shape
@@ -129,7 +130,7 @@ def reshape(an: Analysis, node: fx.Node) -> Any:
         return ChannelInfo(len(out_shape) - tail, v.units)
     merged = _as_flatten(in_shape, out_shape)
     if merged is not None:
-        return _moved_by_flatten(v, in_shape, *merged)
+        return repeat_kv(an, node, v, in_shape, merged) or _moved_by_flatten(v, in_shape, *merged)
     split = split_heads(an, node, v, in_shape, out_shape) or split_channel_dim(an, node, v, in_shape, out_shape)
     if split is not None:
         return split

@@ -25,6 +25,7 @@ from __future__ import annotations
 import string
 from typing import Any, Sequence
 
+import torch
 import torch.fx as fx
 
 from .rules import arg, describe, ndim, norm_dim, opaque
@@ -290,3 +291,137 @@ def scaled_dot_product_attention(an: Analysis, node: fx.Node) -> Any:
     scaled = "the default softmax scale 1/sqrt(E) follows the query width" if arg(node, 6, "scale") is None else None
     return contract_labels(an, node, operands, batch + "LF", inexact_if_contracted=scaled)
 
+
+
+# -- creation ops: a constant tensor whose size meets channels downstream -------------------
+# Where each creation op takes its size: (position of the size, or of its first int when the
+# size is given as separate ints; the keyword). ``torch.full(size, fill)`` and
+# ``x.new_full(size, fill)`` take it packed only.
+CREATION_SIZE: dict[Any, tuple[int, str]] = {
+    **{f: (0, "size") for f in (torch.zeros, torch.ones, torch.empty, torch.full)},
+    **{m: (1, "size") for m in ("new_zeros", "new_ones", "new_empty", "new_full")},
+}
+
+
+def creation_size(node: fx.Node) -> tuple[list, Any] | None:
+    """``(size entries, where)`` of a creation op's size argument, ``where`` being ``("kw",)``,
+    ``("packed", pos)`` or ``("ints", pos, count)``; None when the op takes no size here.
+
+    Example:
+        >>> g = torch.fx.Graph()
+        >>> n = g.call_function(torch.zeros, ((1, 4, 5),))
+        >>> creation_size(n)
+        ([1, 4, 5], ('packed', 0))
+    """
+    entry = CREATION_SIZE.get(node.target)
+    if entry is None:
+        return None
+    pos, name = entry
+    if name in node.kwargs:
+        return list(node.kwargs[name]), ("kw",)
+    if len(node.args) <= pos:
+        return None
+    first = node.args[pos]
+    if isinstance(first, (list, tuple, torch.Size)):
+        return list(first), ("packed", pos)
+    packed = node.target in (torch.full, "new_full")
+    count = 1 if packed else len(node.args) - pos
+    return list(node.args[pos:pos + count]), ("ints", pos, count)
+
+
+def set_creation_size(node: fx.Node, dim: int, value: int) -> None:
+    """Write ``value`` into entry ``dim`` of a creation op's size (see ``creation_size``).
+
+    Example:
+        >>> g = torch.fx.Graph()
+        >>> n = g.call_function(torch.zeros, (1, 4, 5))
+        >>> set_creation_size(n, 1, 2); n.args
+        (1, 2, 5)
+    """
+    sizes, where = creation_size(node)
+    sizes[dim] = value
+    if where[0] == "kw":
+        node.kwargs = {**node.kwargs, "size": type(node.kwargs["size"])(sizes)}
+    elif where[0] == "packed":
+        pos = where[1]
+        node.args = node.args[:pos] + (type(node.args[pos])(sizes),) + node.args[pos + 1:]
+    else:
+        pos, count = where[1], where[2]
+        node.args = node.args[:pos] + tuple(sizes) + node.args[pos + count:]
+
+
+def _is_elementwise(an: Analysis, node: fx.Node) -> bool:
+    from .ops import rule_for  # the op table imports this module
+    from .rules import elementwise
+    return node.op in ("call_function", "call_method") and rule_for(an, node) is elementwise
+
+
+def _met_channels(an: Analysis, cur: fx.Node, user: fx.Node) -> list[tuple[ChannelInfo, int]]:
+    """(tracked channels, ndim of the shape they are aligned in) that ``cur`` meets at ``user``:
+    the other operands of an elementwise op; a query's batch dims (heads) for the attention
+    mask of ``scaled_dot_product_attention``, which broadcasts against the scores."""
+    from .ops import FUNCTION_RULES
+    out = []
+    if FUNCTION_RULES.get(user.target) is scaled_dot_product_attention and arg(user, 3, "attn_mask") is cur:
+        q = arg(user, 0, "query")
+        v, nd = an.tensor_info(q), ndim(an, q)
+        if v is not None and nd is not None and v.dim < nd - 2:
+            out.append((v, nd))
+    elif _is_elementwise(an, user):
+        nd = len(an.shape(user)) if is_tensor_shape(an.shape(user)) else None
+        for o in user.all_input_nodes:
+            v, ond = an.tensor_info(o), ndim(an, o)
+            if o is not cur and v is not None and ond is not None and nd is not None:
+                out.append((ChannelInfo(v.dim + nd - ond, v.units), nd))
+    return out
+
+
+def _creation_dim(an: Analysis, node: fx.Node, size: tuple, depth: int = 4) -> int | None:
+    """The dim of a created tensor that meets tracked channels of the same count downstream,
+    through elementwise ops (dims right-aligned, as broadcasting aligns them); None if none."""
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for cur in frontier:
+            for user in cur.users:
+                for v, nd in _met_channels(an, cur, user):
+                    d = v.dim - (nd - len(size))
+                    if 0 <= d < len(size) and size[d] == len(v.units) > 1:
+                        return d
+                if _is_elementwise(an, user):
+                    nxt.append(user)
+        frontier = nxt
+    return None
+
+
+def creation(an: Analysis, node: fx.Node) -> Any:
+    """``torch.zeros/ones/full/empty(size)`` and ``x.new_zeros/new_ones/new_full/new_empty(size)``:
+    the same value at every position, so any dim can lose positions if its size literal follows.
+    The dim that meets tracked channels of its size downstream (an elementwise op, or the
+    attention mask broadcast against the scores' heads) carries new units and its size literal
+    is rewritten (T5's cross-attention ``position_bias = torch.zeros((1, n_heads, q, k))``);
+    a size without such a dim, or with a run-time value there, keeps the tensor whole.
+
+    Example:
+        >>> import torch, fxprune
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+        ...     def forward(self, x):
+        ...         return self.b(self.a(x) + torch.ones(1, 4))
+        >>> p = fxprune.plan(Net(), fxprune.Policy(ratio=0.5), (torch.randn(2, 3),))
+        >>> [(g.size, g.kept) for g in p.groups]
+        [(4, 2)]
+    """
+    found = creation_size(node)
+    out_shape = an.shape(node)
+    if found is None or not is_tensor_shape(out_shape) or len(found[0]) != len(out_shape):
+        return opaque(an, node, f"{describe(node)}: its size argument is not a plain list of dims")
+    d = _creation_dim(an, node, out_shape)
+    if d is None or not isinstance(found[0][d], int):
+        return opaque(an, node, f"{describe(node)}: no consumer shows which of its dims carries channels"
+                      if d is None else f"{describe(node)}: its size at dim {d} is computed at run time")
+    units = an.units.new_atom(("out", node.name, d), out_shape[d], "param")
+    an.rewrite_literal(node, "creation_size", (units, d))
+    return ChannelInfo(d, units)

@@ -38,6 +38,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..coupling.rules import arg
+from ..errors import StageError
 
 
 def _projections(g: fx.Graph, t: str, m: torch.nn.Module, q: Any, k: Any, v: Any) -> list:
@@ -85,3 +86,41 @@ def decompose(node: fx.Node, payload: tuple, kept: Callable) -> None:
             user.replace_all_uses_with(out)
         g.erase_node(user)
     g.erase_node(node)
+
+
+def repeat_kv(node: fx.Node, payload: tuple, kept: Callable) -> None:
+    """The ``expand`` of grouped-query attention's ``repeat_kv`` when query heads go
+    (``fxprune.coupling.gqa_rules``): its ``n_rep`` entry becomes the query heads each kv group
+    keeps. Every kv group must keep the same number (``fxprune.select`` sees to it); a plan that
+    does not (e.g. an edited plan file) is refused rather than rewritten into a wrong model.
+
+    Example:
+        >>> g = fx.Graph()
+        >>> x = g.placeholder("x")
+        >>> e = g.call_method("expand", (x, [1, 2, 3, 5, 4]))
+        >>> dead = {1, 4}   # query head 1 of kv group 0, head 1 of kv group 1
+        >>> repeat_kv(e, (tuple(range(6)), 2, 2, "reshape"), lambda u: sum(i not in dead for i in u))
+        >>> e.args[1]
+        [1, 2, 2, 5, 4]
+    """
+    units, kv, dim, _reshape = payload
+    total = kept(units)
+    if total == len(units):
+        return
+    rep = len(units) // kv
+    per_group = [kept(units[g * rep:(g + 1) * rep]) for g in range(kv)]
+    if len(set(per_group)) != 1 or not per_group[0]:
+        raise StageError("rewrite", node.name, f"repeat_kv keeps {per_group} query heads in its {kv} kv groups: "
+                                               "every kv group must keep the same number, at least one")
+    if "size" in node.kwargs:
+        node.kwargs = {**node.kwargs, "size": _with_entry(node.kwargs["size"], dim, per_group[0])}
+    elif len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+        node.args = (node.args[0], _with_entry(node.args[1], dim, per_group[0]))
+    else:
+        node.args = (node.args[0], *_with_entry(node.args[1:], dim, per_group[0]))
+
+
+def _with_entry(sizes: Any, dim: int, value: int) -> Any:
+    out = list(sizes)
+    out[dim] = value
+    return type(sizes)(out) if isinstance(sizes, (list, tuple)) else out

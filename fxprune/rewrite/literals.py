@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from ..coupling.rules import arg
 from ..coupling.tensor_rules import set_creation_size
-from .attention import decompose as decompose_attention
+from .attention import decompose as decompose_attention, repeat_kv
 
 
 def _set_arg(node: fx.Node, pos: int, name: str, value: Any) -> None:
@@ -97,6 +97,7 @@ def creation_size(node: fx.Node, payload: tuple, kept: Callable) -> None:
 
 REWRITERS: dict[str, Callable[[fx.Node, Any, Callable], None]] = {
     "attention": decompose_attention,
+    "repeat_kv": repeat_kv,
     "view_dims": view_dims,
     "count": count,
     "normalized_shape": normalized_shape,
