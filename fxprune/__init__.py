@@ -23,7 +23,8 @@ _EXPORTS = {  # public name: the module (relative to fxprune) that defines or re
     "plan": "api", "transform": "api",
     "DiskFullError": "atomic",
     "register_module_rule": "coupling.ops",
-    "BudgetWarning": "errors", "FxPruneError": "errors", "InputError": "errors", "ModelWarning": "errors",
+    "BlockedWarning": "errors", "BudgetWarning": "errors", "FxPruneError": "errors", "InputError": "errors",
+    "ModelWarning": "errors",
     "PolicyError": "errors", "PolicyNameError": "errors", "StageError": "errors", "TraceError": "errors",
     "VerificationError": "errors",
     "ExportError": "exporters", "LoadError": "exporters", "SaveError": "exporters", "check_onnx": "exporters",
@@ -46,7 +47,7 @@ __all__ = [
     "export", "save", "load", "check_onnx", "ExportError", "LoadError",
     "save_plan", "load_plan", "rebuild", "PlanMismatchError", "recalibrate",
     "PolicyNameError", "BudgetWarning", "ModelWarning", "SaveError", "check_plan", "PlanFormatError",
-    "EditedWeightsWarning", "DiskFullError",
+    "EditedWeightsWarning", "DiskFullError", "BlockedWarning",
 ]
 
 

@@ -19,7 +19,7 @@ from .errors import FxPruneError
 
 CAPTURE_MODES = ("auto", "fx", "export")  # fxprune.capture.CAPTURE_MODES, without importing torch here
 POLICY_FLAGS = ("ratio", "importance", "flops", "params", "latency", "scope", "normalize", "allocation",
-                "round_to", "min_channels", "exact_only", "ignore")
+                "round_to", "min_channels", "exact_only", "ignore", "prune_outputs")
 
 
 class CliError(FxPruneError):
@@ -80,6 +80,10 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exact-only", action="store_true", default=None,
                    help="prune only groups whose removal is exact")
     g.add_argument("--ignore", nargs="+", default=None, metavar="NAME", help="module names never pruned")
+    g.add_argument("--prune-outputs", nargs="*", default=None, metavar="OUTPUT",
+                   help="let channels that reach a model output be pruned (that output gets narrower): alone, "
+                        "every output; with values, only these outputs (indices in the returned tuple, or dict "
+                        "keys such as logits). Without it every output keeps its width")
 
 
 def add_capture_argument(p: argparse.ArgumentParser) -> None:
@@ -124,6 +128,21 @@ def add_trusted_argument(p: argparse.ArgumentParser) -> None:
                         "prune --out and fxprune.save does not); without it such a file is refused")
 
 
+def prune_outputs_flag(values: list[str] | None):
+    """``--prune-outputs [OUTPUT ...]`` as a ``Policy.prune_outputs`` value: not given -> None (the
+    policy file or the default decides), given alone -> True, with values -> indices and names.
+
+    Example:
+        >>> prune_outputs_flag(None), prune_outputs_flag([]), prune_outputs_flag(["0", "logits"])
+        (None, True, [0, 'logits'])
+    """
+    if values is None:
+        return None
+    if not values:
+        return True
+    return [int(v) if v.isdigit() else v for v in values]
+
+
 def policy_from_args(args: argparse.Namespace):
     """The Policy given by ``--policy`` and the policy flags (flags win).
 
@@ -135,5 +154,6 @@ def policy_from_args(args: argparse.Namespace):
     from .policy import Policy
     from .policy_file import merge, read_policy_file
     flags = {key: getattr(args, key) for key in POLICY_FLAGS}
+    flags["prune_outputs"] = prune_outputs_flag(flags["prune_outputs"])
     file_values = read_policy_file(args.policy) if args.policy else {}
     return Policy(**merge(file_values, flags))

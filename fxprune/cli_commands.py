@@ -156,7 +156,7 @@ def _report(args: argparse.Namespace) -> int:
         else:
             groups, unit = report["groups"], "group"
             doc.update(params=report["params"], macs=report["macs"], policy=policy.to_dict(),
-                       capture=_capture_of(pruned))
+                       capture=_capture_of(pruned), blocked=report["blocked"])
         path = plot_widths(groups, out_dir / f"{_file_stem(args.model)}_widths.png", title=args.model)
         doc["files"]["widths"] = str(path)
         doc.update(model=args.model, unit=unit, widths=groups)
@@ -170,6 +170,9 @@ def _report(args: argparse.Namespace) -> int:
         lines.append(f"accuracy against MACs kept ({len(records)} results, "
                      f"{len(doc['results']['methods'])} methods): {path}")
     head = [capture_line(doc["capture"])] if doc.get("capture") else []
+    if doc.get("blocked"):
+        advice = doc["blocked"].get("advice")
+        head = [doc["blocked"]["line"], *([f"Warning: {advice}"] if advice else []), *head]
     _emit(args, doc, "\n".join([*head, "wrote:", *(f"  {line}" for line in lines)]))
     return 0
 

@@ -105,3 +105,17 @@ class BudgetWarning(UserWarning):
         >>> caught[0].category.__name__
         'BudgetWarning'
     """
+
+
+class BlockedWarning(UserWarning):
+    """More than half of a plan's prunable channels are blocked; the message names the first op
+    to teach fxprune and how (``fxprune.blocked``). Raised by ``fxprune.explain`` and the CLI.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warnings.warn("more than half of the prunable channels are blocked", BlockedWarning)
+        >>> caught[0].category.__name__
+        'BlockedWarning'
+    """

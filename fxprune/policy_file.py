@@ -10,6 +10,7 @@ A policy file is a mapping whose keys are :class:`fxprune.Policy` fields::
     overrides:            # module names or fnmatch patterns -> ratio
       "layer4.*": 0.7
       layer1.0.conv1: 0.0
+    prune_outputs: false  # true: outputs may get narrower; or a list of output indices/names
 
 Module types cannot be named in a file (``ignore`` and ``overrides`` take names and patterns
 only). YAML needs ``pyyaml`` (``pip install 'fxprune[yaml]'``); JSON needs nothing.
@@ -32,7 +33,8 @@ from .errors import PolicyError
 from .policy import Policy
 
 FILE_KEYS = ("importance", "ratio", "scope", "flops", "params", "latency", "device", "round_to",
-             "min_channels", "exact_only", "normalize", "allocation", "ignore", "overrides", "structures")
+             "min_channels", "exact_only", "normalize", "allocation", "ignore", "overrides", "structures",
+             "prune_outputs")
 BUDGET_KEYS = ("flops", "params", "latency")
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -97,6 +99,12 @@ def read_policy_file(path: str | Path) -> dict:
     if not isinstance(structures, dict) or not all(isinstance(k, str) for k in structures):
         raise PolicyError(f"policy file {str(path)!r}: 'structures' must map group kinds to ratios "
                           f"(e.g. {{'heads': 0.25, 'mlp': 0.5}}), got {structures!r}")
+    outputs = data.get("prune_outputs", False)
+    if isinstance(outputs, (str, int)) and not isinstance(outputs, bool):
+        data["prune_outputs"] = outputs = [outputs]
+    if not isinstance(outputs, (bool, list)):
+        raise PolicyError(f"policy file {str(path)!r}: 'prune_outputs' must be true, false or a list of "
+                          f"output indices or names (e.g. [0, logits]), got {outputs!r}")
     return data
 
 
