@@ -12,8 +12,9 @@ or a small one (64x64 for YOLO/smp, 8 tokens for text). Per model, in a forked w
 ``--timeout`` s or ``--max-rss-gb`` GB:
 
 - fxprune: ``transform(model, Policy("l1", 0.5), inputs)`` with the default ``capture="auto"``:
-  the front end used, plan+apply seconds, parameters and MACs after/before, the share of
-  non-output channels in blocked groups and the top reasons; then the model in float64 with
+  the front end used, plan+apply seconds, parameters and MACs after/before, the blocked summary
+  (``fxprune.blocked``: share of prunable channels blocked, causes grouped by op), whether every
+  pruned group is exact (``exact``, ``exact_groups``, ``approximate_groups``); then the model in float64 with
   ``Policy(ratio=0.5, exact_only=True)`` checked by the mask oracle (``fxprune.verify``, 1e-6
   relative: Hugging Face's RMSNorm computes in float32 whatever the model's dtype).
   Success: the transform finishes and the pruned model runs with the original's output structure.
@@ -47,6 +48,7 @@ from tqdm import tqdm
 
 import fxprune
 from fxprune import model_zoo
+from fxprune.blocked import blocked_summary
 from fxprune.cost import count
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -120,19 +122,16 @@ def _build(lib: str, name: str):
 
 
 def _blocked(plan) -> dict:
-    """Share of non-output channels in blocked groups, and the top reasons."""
-    total = blocked = 0
-    reasons: collections.Counter = collections.Counter()
-    for g in plan.groups:
-        note = g.note or ""
-        if g.blocked and "model output" in note:
-            continue
-        total += g.size
-        if g.blocked:
-            blocked += g.size
-            reasons[note.replace("blocked: ", "")[:120]] += g.size
-    return {"share": blocked / total if total else 0.0, "channels": total,
-            "top": [[why, n] for why, n in reasons.most_common(3)]}
+    """Share of prunable channels (those not kept for a model output) that are blocked, and the
+    top causes grouped by op (``fxprune.blocked``, the summary line of ``fxprune.explain``)."""
+    return blocked_summary(plan).to_dict()
+
+
+def _exactness(plan) -> dict:
+    """Whether every group the default transform prunes is exact, with the counts of each."""
+    pruned = [g for g in plan.groups if g.removed]
+    exact = sum(1 for g in pruned if g.exact)
+    return {"exact": exact == len(pruned), "exact_groups": exact, "approximate_groups": len(pruned) - exact}
 
 
 def _float64(model: torch.nn.Module, inputs: tuple) -> tuple:
@@ -158,6 +157,7 @@ def fx_row(lib: str, name: str) -> dict:
            "ok": ok, "params_ratio": after["params"] / max(before["params"], 1),
            "macs_ratio": after["macs"] / max(before["macs"], 1), "blocked": _blocked(plan),
            "groups": len(plan.groups), "pruned_groups": sum(1 for g in plan.groups if g.removed),
+           **_exactness(plan),
            "pruned_kinds": dict(collections.Counter(getattr(g, "kind", "channel") for g in plan.groups if g.removed)),
            "aten_left": sorted({str(n.target) for n in plan.traced.graph.nodes
                                 if isinstance(n.target, torch._ops.OpOverload)})}
