@@ -249,6 +249,16 @@ TWINS: dict[Any, Twin] = {
     aten.tril: _fn(torch.tril), aten.triu: _fn(torch.triu),
 }
 
+# norms, sliding-window unfolds and views shaped like another tensor (coupling/reduce_rules.py)
+TWINS.update({
+    aten.norm: _method("norm"),  # p=None (ScalarOpt overloads) is the 2-norm, as in Tensor.norm
+    aten.linalg_vector_norm: _fn(torch.linalg.vector_norm), aten.linalg_norm: _fn(torch.linalg.norm),
+    aten.linalg_matrix_norm: _fn(torch.linalg.matrix_norm),
+    aten.im2col: _fn(F.unfold),  # (x, kernel_size, dilation, padding, stride): F.unfold's order
+    aten.addcmul: _fn(torch.addcmul),
+    aten.unfold: _method("unfold"), aten.reshape_as: _method("reshape_as"), aten.view_as: _method("view_as"),
+})
+
 # ATen ops that only assert metadata or alias a value: the node is dropped (its users read the input).
 DROPPED = {aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size,
            aten._assert_async}

@@ -7,6 +7,7 @@ from typing import Any
 import torch.fx as fx
 
 from .rules import arg, describe, ndim, norm_dim, opaque
+from . import slice_rules
 from .attention_rules import split_heads
 from .gqa_rules import repeat_kv
 from .shuffle import split_channel_dim
@@ -164,7 +165,8 @@ def transpose(an: Analysis, node: fx.Node) -> Any:
 
 
 def getitem(an: Analysis, node: fx.Node) -> Any:
-    """Indexing a tuple/dict of values, or basic indexing of a tensor that keeps the channel dim."""
+    """Indexing a tuple/dict of values, or basic indexing of a tensor: a slice, step or integer
+    index on the channel dim is handled by ``slice_rules.channel_entry`` (offset map)."""
     src, idx = node.args[0], node.args[1]
     v = an.value(src)
     if isinstance(v, (tuple, list)) and isinstance(idx, (int, slice)):
@@ -173,23 +175,25 @@ def getitem(an: Analysis, node: fx.Node) -> Any:
         return v.get(idx)
     if not isinstance(v, ChannelInfo):
         return None if not is_tensor_shape(an.shape(node)) else opaque(an, node)
-    entries = list(idx) if isinstance(idx, tuple) else [idx]
+    packed = isinstance(idx, tuple)
+    entries = list(enumerate(idx)) if packed else [(None, idx)]
     nd = ndim(an, src)
-    if any(isinstance(e, fx.Node) or isinstance(e, (list, tuple)) for e in entries):
+    if any(isinstance(e, fx.Node) or isinstance(e, (list, tuple)) for _, e in entries):
         return opaque(an, node, f"{describe(node)}: advanced indexing of a channel tensor")
-    if Ellipsis in entries:
-        i = entries.index(Ellipsis)
-        fill = nd - (len(entries) - 1 - entries.count(None))
-        entries = entries[:i] + [slice(None)] * fill + entries[i + 1:]
+    plain = [e for _, e in entries]
+    if Ellipsis in plain:
+        i = plain.index(Ellipsis)
+        fill = nd - (len(plain) - 1 - plain.count(None))
+        entries = entries[:i] + [(None, slice(None))] * fill + entries[i + 1:]
     out_dim, in_dim = 0, 0
-    for e in entries:
+    for pos, e in entries:
         if e is None:
             out_dim += 1
             continue
         if in_dim == v.dim:
-            if e != slice(None):
-                return opaque(an, node, f"{describe(node)} selects part of the channel dim")
-            return ChannelInfo(out_dim, v.units)
+            if e == slice(None):
+                return ChannelInfo(out_dim, v.units)
+            return slice_rules.channel_entry(an, node, v, e, out_dim, pos)
         out_dim += 0 if isinstance(e, int) else 1
         in_dim += 1
     return ChannelInfo(out_dim + (v.dim - in_dim), v.units)

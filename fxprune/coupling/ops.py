@@ -223,3 +223,20 @@ def register_module_rule(module_type: type, rule: Rule) -> None:
         >>> register_module_rule(Scale, R.passthrough)
     """
     MODULE_RULES[module_type] = rule
+
+
+# -- norms, sliding-window unfolds and views shaped like another tensor (reduce_rules) --------
+from . import reduce_rules as RR  # noqa: E402
+
+FUNCTION_RULES.update({
+    torch.norm: RR.torch_norm, torch.linalg.vector_norm: RR.linalg_vector_norm,
+    torch.linalg.norm: RR.linalg_norm, torch.linalg.matrix_norm: RR.linalg_matrix_norm,
+    F.unfold: RR.im2col, torch.addcmul: R.elementwise,  # input + value * t1 * t2 (ConvNeXt-V2's GRN)
+    torch.reshape: RR.param_view,  # a per-channel parameter viewed to broadcast; else L.reshape
+})
+METHOD_RULES.update({
+    "norm": RR.torch_norm, "unfold": RR.tensor_unfold, "addcmul": R.elementwise,
+    "reshape_as": RR.reshape_as, "view_as": RR.reshape_as, "expand_as": RR.expand_as,
+    "view": RR.param_view, "reshape": RR.param_view,
+})
+MODULE_RULES[nn.Unfold] = RR.im2col

@@ -88,6 +88,46 @@ def view_dims(node: fx.Node, payload: tuple, kept: Callable) -> None:
         node.args = (node.args[0], tuple(dims)) if packed else (node.args[0], *dims)
 
 
+def _entry_after(spec: tuple, kept: Callable) -> Any:
+    """The channel entry of an index in the kept input (see ``coupling.slice_rules``)."""
+    kind = spec[0]
+    if kind == "int":
+        return kept(spec[1])
+    if kind == "slice":
+        _, head, upto, to_end = spec
+        start = kept(head)
+        return slice(start or None, None if to_end else kept(upto))
+    units, picked = spec[1], spec[2]
+    before = [kept(units[:p]) for p in picked]
+    return [b for b, p in zip(before, picked) if kept(units[:p + 1]) > b]
+
+
+def channel_index(node: fx.Node, payload: tuple, kept: Callable) -> None:
+    """``x[..., a:b]`` / ``x[:, i]`` / ``x[:, a:b:s]`` on the channel dim: the entry at position
+    ``pos`` of the index (None: the whole index) becomes its kept counterpart. A stepped slice
+    becomes a list of the kept picked positions, or stays as it is when nothing moved."""
+    pos, spec = payload
+    entry = _entry_after(spec, kept)
+    idx = node.args[1]
+    if spec[0] == "pick":
+        if entry == list(spec[2]):
+            return
+        if len(entry) > 1 and len({b - a for a, b in zip(entry, entry[1:])}) == 1 and entry[1] > entry[0]:
+            entry = slice(entry[0], entry[-1] + 1, entry[1] - entry[0])
+    if pos is None:
+        node.args = (node.args[0], entry, *node.args[2:])
+    else:
+        node.args = (node.args[0], idx[:pos] + (entry,) + idx[pos + 1:], *node.args[2:])
+
+
+def narrow(node: fx.Node, payload: tuple, kept: Callable) -> None:
+    """``narrow(x, dim, start, length)`` on the channel dim: start and length of the kept channels."""
+    head, upto = payload
+    start = kept(head)
+    _set_arg(node, 2, "start", start)
+    _set_arg(node, 3, "length", kept(upto) - start)
+
+
 def creation_size(node: fx.Node, payload: tuple, kept: Callable) -> None:
     """A creation op's size entry at the dim that carries channels (``torch.zeros((1, heads, q, k))``)."""
     units, dim = payload
@@ -103,6 +143,8 @@ REWRITERS: dict[str, Callable[[fx.Node, Any, Callable], None]] = {
     "normalized_shape": normalized_shape,
     "group_norm": group_norm,
     "mean_rescale": mean_rescale,
+    "channel_index": channel_index,
+    "narrow": narrow,
     "creation_size": creation_size,
 }
 
