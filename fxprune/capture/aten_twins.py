@@ -308,4 +308,3 @@ def twin_of(target: Any) -> Twin | None:
     """
     packet = getattr(target, "overloadpacket", None)
     return TWINS.get(packet) if packet is not None else None
-
