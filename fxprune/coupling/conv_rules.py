@@ -26,8 +26,9 @@ from typing import Any, Sequence
 
 import torch.fx as fx
 
+from . import param_expr as PE
 from . import rules as R
-from .state import Analysis, ChannelInfo
+from .state import Analysis, ChannelInfo, ParamRef
 
 
 def couple_blocks(an: Analysis, units: Sequence[int], groups: int, why: str) -> tuple[int, ...]:
@@ -91,32 +92,43 @@ def conv_module(an: Analysis, node: fx.Node) -> Any:
 def conv_functional(an: Analysis, node: fx.Node, spatial: int, transposed: bool = False) -> Any:
     """``F.conv*d`` / ``F.conv_transpose*d`` on ``get_attr`` weights (parameters or buffers, e.g. a
     blur pool's fixed per-channel filter), any ``groups``. A depthwise ``groups`` written as a
-    literal is rewritten to the kept channel count; ``groups=x.shape[1]`` follows by itself."""
+    literal is rewritten to the kept channel count; ``groups=x.shape[1]`` follows by itself.
+    A weight computed from a parameter row by row (timm's ``StdConv2d``/``ScaledStdConv2d``,
+    see ``param_expr``) slices that parameter like a plain weight."""
     groups = R.arg(node, 6, "groups", 1)
-    if groups == 1 and not transposed:
-        return R.conv_functional(an, node, spatial)
-    weight, bias = R._functional_params(an, node, 2)
+    weight, expr = PE.weight_of(an, node)
+    b_node = R.arg(node, 2, "bias")
+    b = an.value(b_node) if b_node is not None else None
+    bias = b.target if isinstance(b, ParamRef) else None
     x = R.arg(node, 0, "input")
     follows = _reads_channels(groups, x)  # groups=x.shape[1]: depthwise at any width
     if follows:
         groups = an.shape(x)[1]
-    if weight is None or not isinstance(groups, int) or R.ndim(an, x) != spatial + 2:
-        return R.opaque(an, node, f"{R.describe(node)}: weights must be get_attr parameters, groups an "
-                                  "int or the input's channel count")
+    if weight is None or (b_node is not None and bias is None) or not isinstance(groups, int) \
+            or R.ndim(an, x) != spatial + 2:
+        return R.opaque(an, node, f"{R.describe(node)}: weights must be get_attr parameters (or computed from "
+                                  "one row by row), groups an int or the input's channel count")
     w = an.param_tensor(weight).shape
     cin, cout = (w[0], w[1] * groups) if transposed else (w[1] * groups, w[0])
+    v = an.tensor_info(x)
     if groups == 1:
-        return R.contract(an, node, x, 1, weight, 0, 1, cout, bias, weight, 1)
-    if groups == cin and (not transposed or cout == cin):
+        in_dim, out_dim = (0, 1) if transposed else (1, 0)
+        out = R.contract(an, node, x, 1, weight, in_dim, out_dim, cout, bias, weight, 1)
+        columns = v.units if v is not None and v.dim == 1 else None
+    elif groups == cin and (not transposed or cout == cin):
         mult = 1 if transposed else cout // cin
         out = R.contract(an, node, x, 1, weight, 1, 0, cout, bias, weight, 1, depthwise_mult=mult)
-        v = an.tensor_info(x)
         if isinstance(out, ChannelInfo) and v is not None and not follows:
             an.rewrite_literal(node, "count", (6, "groups", v.units))  # a literal groups=C shrinks
-        return out
-    if follows:
+        columns = None  # one input channel per weight row: nothing in a row is removed
+    elif follows:
         return R.opaque(an, node, f"{R.describe(node)}: groups read from the input is not depthwise")
-    return grouped(an, node, x, weight, bias, weight, groups, transposed, cin, cout)
+    else:
+        out = grouped(an, node, x, weight, bias, weight, groups, transposed, cin, cout)
+        columns = v.units if v is not None and v.dim == 1 and len(v.units) == cin else None
+    if expr is not None and isinstance(out, ChannelInfo):
+        PE.declare(an, node, expr, weight, out.units, columns)
+    return out
 
 
 def _reads_channels(size: Any, x: Any) -> bool:

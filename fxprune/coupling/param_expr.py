@@ -1,0 +1,326 @@
+"""Weights computed from parameters row by row (weight standardisation, scaled weights).
+
+timm's ``StdConv2d`` / ``ScaledStdConv2d`` (NFNets, BiT) compute their weight at every call::
+
+    w = F.batch_norm(self.weight.reshape(1, out, -1), None, None, weight=(gain * scale).view(-1),
+                     training=True, momentum=0.).reshape_as(self.weight)
+    return F.conv2d(x, w, self.bias, ..., self.groups)
+
+Every op of that chain keeps the weight's output rows apart: row ``o`` of ``w`` depends only on row
+``o`` of ``self.weight`` and entry ``o`` of ``gain``. Such a chain is a :class:`ParamExpr`: the
+convolution slices the parameter's rows as its output channels (exact), ``gain`` as a passenger,
+and the literal row count of the reshape follows the kept width. The standardisation mixes the
+entries of a row, i.e. the input channels (and kernel taps): removing an input channel changes
+the kept weights, so a group whose channels the convolution consumes through such a weight is
+approximate, with the reason; a depthwise convolution has one input channel per row and stays
+exact.
+
+A chain is adopted only when every node of it is in :data:`CHAIN_OPS`, reads only parameters and
+other chain nodes, and feeds only chain nodes or a convolution that takes it as its weight
+(:func:`chains`, computed once per graph before the rules run); anything else keeps the ordinary
+rules, which block it.
+
+Example:
+    >>> import torch, fxprune, torch.nn.functional as F
+    >>> class Std(torch.nn.Conv2d):
+    ...     def forward(self, x):
+    ...         w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+    ...                          training=True, momentum=0.).reshape_as(self.weight)
+    ...         return F.conv2d(x, w, self.bias, groups=self.groups)
+    >>> m = torch.nn.Sequential(Std(3, 8, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1))
+    >>> p = fxprune.plan(m, fxprune.Policy(ratio=0.5), (torch.randn(1, 3, 4, 4),))
+    >>> [(g.size, g.kept, g.exact) for g in p.groups if g.removed]
+    [(8, 4, True)]
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+import weakref
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from . import rules as R
+from .state import Analysis, ParamRef
+from ..shapes import is_tensor_shape
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamExpr:
+    """A tensor computed from parameters keeping the rows of ``sources`` apart.
+
+    ``row_dim`` is where the rows lie in this value (None: no rows, a constant); ``sources`` are
+    ``(parameter, dim of its rows)``; ``literals`` are ``(reshape node, shape entry)`` holding the
+    row count as a literal; ``mixes`` says why the entries of a row are mixed (None: they are not).
+
+    Example:
+        >>> e = ParamExpr((4, 3), 0, (("w", 0),))
+        >>> e.rows
+        4
+    """
+
+    shape: tuple
+    row_dim: int | None
+    sources: tuple = ()
+    literals: tuple = ()
+    mixes: str | None = None
+
+    @property
+    def rows(self) -> int:
+        return 1 if self.row_dim is None else self.shape[self.row_dim]
+
+
+def _leaf(an: Analysis, target: str) -> ParamExpr | None:
+    t = an.param_tensor(target)
+    shape = tuple(t.shape)
+    if t.numel() == 1:
+        return ParamExpr(shape, None)
+    if not shape or shape[0] == 1:
+        return None
+    return ParamExpr(shape, 0, ((target, 0),))
+
+
+def _merge(shape: tuple, row_dim: int | None, parts: list, mixes: str | None = None, literals: tuple = ()) -> ParamExpr:
+    sources = tuple(dict.fromkeys(s for p in parts for s in p.sources))
+    lits = tuple(dict.fromkeys(l for p in parts for l in p.literals)) + literals
+    mix = next((p.mixes for p in parts if p.mixes), None) or mixes
+    return ParamExpr(tuple(shape), row_dim, sources, lits, mix)
+
+
+# -- one function per op kind: (an, node, expr of each node input) -> ParamExpr | None -------
+def _elementwise(an: Analysis, node: fx.Node, ex: Callable) -> ParamExpr | None:
+    out = an.shape(node)
+    parts, row_dim = [], None
+    for a in node.all_input_nodes:
+        e = ex(a)
+        parts.append(e)
+        if e.row_dim is None:
+            continue
+        od = e.row_dim + len(out) - len(e.shape)
+        if row_dim not in (None, od) or out[od] != e.rows:
+            return None
+        row_dim = od
+    return _merge(out, row_dim, parts)
+
+
+def _shape_entries(node: fx.Node) -> tuple[list, bool] | None:
+    """The shape of a ``reshape``/``view`` call and whether it is packed in one list."""
+    if "shape" in node.kwargs:
+        return list(node.kwargs["shape"]), True
+    rest = list(node.args[1:])
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        return list(rest[0]), True
+    return rest, False
+
+
+def _reshape(an: Analysis, node: fx.Node, ex: Callable) -> ParamExpr | None:
+    """Rows stay outermost (only size-1 dims before them); the entries after them are -1, 1 or
+    read at run time, so the columns may shrink; a literal row count is rewritten."""
+    e, out = ex(node.args[0]), an.shape(node)
+    if e.row_dim is None:
+        return _merge(out, None, [e])
+    if math.prod(e.shape[:e.row_dim]) != 1:
+        return None
+    j = next((i for i, s in enumerate(out) if s != 1), None)
+    if j is None or out[j] != e.rows:
+        return None
+    literals: tuple = ()
+    if node.target in ("reshape_as", "view_as"):  # the shape follows the other tensor's
+        return _merge(out, j, [e, ex(node.args[1])])
+    entries, _ = _shape_entries(node)
+    if len(entries) != len(out):
+        return None
+    for i, s in enumerate(entries[j + 1:], j + 1):
+        if isinstance(s, int) and s not in (-1, 1):
+            return None  # a literal column count would not follow pruned input channels
+    if isinstance(entries[j], int) and entries[j] != -1:
+        literals = ((node, j),)
+    return _merge(out, j, [e], literals=literals)
+
+
+def _reduction(an: Analysis, node: fx.Node, ex: Callable) -> ParamExpr | None:
+    """mean/var/std/sum over dims other than the rows: each row's entries are mixed."""
+    e, out = ex(node.args[0]), an.shape(node)
+    dims = R.arg(node, 1, "dim", None)
+    if e.row_dim is None:
+        return _merge(out, None, [e])
+    dims = [dims] if isinstance(dims, int) else dims
+    if not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    nd = len(e.shape)
+    dims = {R.norm_dim(d, nd) for d in dims}
+    if e.row_dim in dims:
+        return None
+    keep = len(out) == nd
+    od = e.row_dim if keep else e.row_dim - sum(1 for d in dims if d < e.row_dim)
+    why = f"{R.describe(node)} reduces each weight row over its input channels"
+    return _merge(out, od, [e], mixes=why if any(e.shape[d] > 1 for d in dims) else None)
+
+
+def _batch_norm(an: Analysis, node: fx.Node, ex: Callable) -> ParamExpr | None:
+    """``F.batch_norm`` with batch statistics over a weight laid out (1, rows, entries)."""
+    e, out = ex(node.args[0]), an.shape(node)
+    if e.row_dim != 1 or R.arg(node, 1, "running_mean") is not None or R.arg(node, 2, "running_var") is not None:
+        return None
+    parts = [e]
+    for pos, name in ((3, "weight"), (4, "bias")):
+        a = R.arg(node, pos, name)
+        if a is not None:
+            p = ex(a)
+            if p.row_dim is not None and (len(p.shape) != 1 or p.rows != e.rows):
+                return None
+            parts.append(p)
+    mixed = any(s > 1 for d, s in enumerate(e.shape) if d != 1)
+    why = f"{R.describe(node)} standardises each weight row over its input channels"
+    return _merge(out, 1, parts, mixes=why if mixed else None)
+
+
+_ELEMENTWISE = [operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub,
+                torch.mul, torch.div, torch.neg, torch.sqrt, torch.rsqrt, torch.abs, torch.exp, torch.square]
+CHAIN_OPS: dict[Any, Callable] = {
+    **{f: _elementwise for f in _ELEMENTWISE},
+    **{m: _elementwise for m in ("add", "sub", "mul", "div", "neg", "sqrt", "rsqrt", "abs", "exp", "square",
+                                 "contiguous", "clone", "detach", "__add__", "__mul__", "__sub__", "__truediv__")},
+    **{m: _reshape for m in ("reshape", "view", "reshape_as", "view_as")}, torch.reshape: _reshape,
+    **{f: _reduction for f in (torch.mean, torch.var, torch.std, torch.sum, "mean", "var", "std", "sum")},
+    F.batch_norm: _batch_norm,
+}
+
+WEIGHT_CONSUMERS = {F.conv1d: 3, F.conv2d: 4, F.conv3d: 5}  # value: the weight's rank
+
+
+def _consumes(an: Analysis, user: fx.Node, node: fx.Node, e: ParamExpr) -> bool:
+    """``user`` is a convolution taking ``node`` as its weight, rows on dim 0 and shaped like one
+    parameter (the one its columns come from); every other source holds rows only."""
+    if user.op != "call_function" or user.target not in WEIGHT_CONSUMERS or R.arg(user, 1, "weight") is not node:
+        return False
+    if user.args[:1] == (node,) or R.arg(user, 2, "bias") is node:
+        return False
+    return main_source(an, e) is not None and e.row_dim == 0 and len(e.shape) == WEIGHT_CONSUMERS[user.target]
+
+
+def main_source(an: Analysis, e: ParamExpr) -> str | None:
+    """The source whose columns the value carries (shaped like it, rows on dim 0); None unless
+    exactly one, with every other source a per-row vector (one entry per row)."""
+    mains = [t for t, d in e.sources if d == 0 and tuple(an.param_tensor(t).shape) == e.shape]
+    rows_only = all(an.param_tensor(t).numel() == e.rows for t, d in e.sources if t not in mains)
+    return mains[0] if len(mains) == 1 and rows_only else None
+
+
+_CHAINS: "weakref.WeakKeyDictionary[Analysis, dict[str, ParamExpr]]" = weakref.WeakKeyDictionary()
+
+
+def chains(an: Analysis) -> dict[str, ParamExpr]:
+    """``{node name: ParamExpr}`` of the nodes computing a convolution's weight row by row.
+
+    Example:
+        >>> import torch
+        >>> from fxprune.shapes import propagate
+        >>> class W(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w, self.g = torch.nn.Parameter(torch.randn(4, 3, 1, 1)), torch.nn.Parameter(torch.ones(4, 1, 1, 1))
+        ...     def forward(self, x):
+        ...         return torch.nn.functional.conv2d(x, self.w * self.g)
+        >>> gm = torch.fx.symbolic_trace(W())
+        >>> _ = propagate(gm, (torch.randn(1, 3, 2, 2),))
+        >>> chains(Analysis(gm))["mul"].sources
+        (('w', 0), ('g', 0))
+    """
+    found = _CHAINS.get(an)
+    if found is None:
+        found = _find(an)
+        _CHAINS[an] = found
+    return found
+
+
+def _find(an: Analysis) -> dict[str, ParamExpr]:
+    exprs: dict[str, ParamExpr] = {}
+    nodes = list(an.gm.graph.nodes)
+    for node in nodes:
+        if node.op == "get_attr":
+            try:
+                is_tensor = isinstance(an.param_tensor(node.target), torch.Tensor)
+            except AttributeError:
+                is_tensor = False
+            leaf = _leaf(an, node.target) if is_tensor else None
+            if leaf is not None:
+                exprs[node.name] = leaf
+        elif node.op in ("call_function", "call_method") and node.target in CHAIN_OPS \
+                and node.all_input_nodes and all(a.name in exprs for a in node.all_input_nodes) \
+                and is_tensor_shape(an.shape(node)):
+            try:
+                e = CHAIN_OPS[node.target](an, node, lambda a: exprs[a.name])
+            except (IndexError, TypeError, ValueError):
+                e = None
+            if e is not None:
+                exprs[node.name] = e
+    return _prune(an, nodes, exprs)
+
+
+def _prune(an: Analysis, nodes: list, exprs: dict) -> dict[str, ParamExpr]:
+    """Keep the chain nodes whose every user is a chain node or a convolution consuming it."""
+    chain = {n.name for n in nodes if n.name in exprs and n.op != "get_attr"}
+    changed = True
+    while changed:
+        changed = False
+        for node in nodes:
+            if node.name not in chain:
+                continue
+            ok = all(a.op == "get_attr" or a.name in chain for a in node.all_input_nodes) and node.users and all(
+                u.name in chain or _consumes(an, u, node, exprs[node.name]) for u in node.users)
+            if not ok:
+                chain.discard(node.name)
+                changed = True
+    return {n: exprs[n] for n in chain}
+
+
+def chain_rule(an: Analysis, node: fx.Node) -> ParamExpr:
+    """The rule of a chain node: its expression (declares nothing; the convolution does)."""
+    return chains(an)[node.name]
+
+
+def shape_entry(node: fx.Node, payload: tuple, kept: Callable) -> None:
+    """Rewriter: entry ``j`` of a ``reshape``/``view`` shape (packed or not) is the kept row count."""
+    j, units = payload
+    entries, packed = _shape_entries(node)
+    entries[j] = kept(units)
+    if "shape" in node.kwargs:
+        node.kwargs = {**node.kwargs, "shape": type(node.kwargs["shape"])(entries)}
+    elif packed:
+        node.args = (node.args[0], type(node.args[1])(entries))
+    else:
+        node.args = (node.args[0], *entries)
+
+
+def declare(an: Analysis, node: fx.Node, e: ParamExpr, weight: str, out_units: tuple, in_units: tuple | None) -> None:
+    """What a convolution consuming ``e`` (its weight, rows = output channels) adds to the plan:
+    the per-row sources are passengers of the output channels, the literal row counts follow
+    them, and ``in_units`` (the input channels whose columns it slices, if any) are inexact when
+    the chain mixes the entries of a row."""
+    from ..rewrite import literals
+    literals.REWRITERS.setdefault("shape_entry", shape_entry)
+    why = f"{R.describe(node)}: weight computed from {weight}"
+    for target, dim in e.sources:
+        if target != weight:
+            an.slice_param(target, dim, "passenger", out_units, weight, why)
+    for lit_node, j in e.literals:
+        an.rewrite_literal(lit_node, "shape_entry", (j, out_units))
+    if e.mixes and in_units:
+        an.units.mark_inexact(in_units, f"{e.mixes}: removing an input channel of {R.describe(node)} "
+                                        "changes the kept weights")
+
+
+def weight_of(an: Analysis, node: fx.Node) -> tuple[str | None, ParamExpr | None]:
+    """(parameter target, expression) of a convolution's weight argument: a plain parameter
+    (expression None), a chain's main source, or (None, None)."""
+    v = an.value(R.arg(node, 1, "weight"))
+    if isinstance(v, ParamRef):
+        return v.target, None
+    if isinstance(v, ParamExpr):
+        return main_source(an, v), v
+    return None, None
