@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from . import index_rules
 from . import layout_rules as L
 from . import conv_rules as C
+from . import param_expr as PE
 from . import norm_rules as N
 from . import rules as R
 from . import shuffle as S
@@ -198,6 +199,8 @@ def rule_for(an, node) -> Rule | None:
         return R.get_attr
     if node.op == "output":
         return R.output
+    if node.op in ("call_function", "call_method") and node.name in PE.chains(an):
+        return PE.chain_rule  # computes a convolution's weight row by row (param_expr)
     if node.op == "call_function":
         rule = FUNCTION_RULES.get(node.target)
         if rule is None and isinstance(node.target, torch._ops.OpOverload):
