@@ -19,7 +19,8 @@ import torch
 from .budget import CostModel, bisect, budget_met
 from .errors import BudgetWarning, StageError
 from .policy import Policy, kept_width
-from .select_heads import block_floor, even_blocks, is_head_group, kept_heads, lowest_in_blocks, next_cut
+from .select_heads import (block_floor, even_blocks, head_step, is_head_group, kept_heads, lowest_in_blocks,
+                           next_cut)
 from .select_keys import group_weights, normalised
 
 
@@ -227,7 +228,7 @@ def _note_clamp(g, policy: Policy, chooser: _Selector, summary: dict) -> None:
     if policy.budget is not None or policy.scope == "global":
         if g.kept == len(g.pinned) and g.pinned and g.kept > policy.min_channels:
             g.note = f"kept {g.kept}: {len(g.pinned)} channels cannot be removed"
-        elif is_head_group(g) and g.removed and "not met" in kept_heads(g, g.kept, policy.round_to)[1]:
+        elif is_head_group(g) and g.removed and g.kept % head_step(g, policy.round_to):
             g.note = f"kept {g.kept}: " + kept_heads(g, g.kept, policy.round_to)[1]
         return
     ratio = chooser.fixed.get(g.id, float(policy.ratio) * chooser.weights.get(g.id, 1.0))

@@ -73,6 +73,27 @@ def _step(widths: list[int], round_to: int) -> int:
     return step
 
 
+def head_step(g, round_to: int | None) -> int:
+    """The head counts ``g`` may keep are the multiples of this: every weight width a multiple of
+    ``round_to`` (1 without it) and, with ``blocks``, as many heads in every block.
+
+    Example:
+        >>> head_step(_example(6, 12), 8), head_step(_example(6, 16), 8), head_step(_example(6, 16), None)
+        (2, 1, 1)
+    """
+    widths = head_widths(g)
+    step = _step(widths, round_to) if round_to and round_to > 1 and widths else 1
+    nb = len(g.blocks) if getattr(g, "blocks", ()) else 1
+    return step * nb // math.gcd(step, nb)
+
+
+def _example(heads: int, head_dim: int):
+    from .coupling.groups import Group, ParamMember
+    rows = ParamMember("q.weight", 0, "producer", "q", tuple(range(heads * head_dim)),
+                       tuple(h for h in range(heads) for _ in range(head_dim)))
+    return Group(0, heads, [], [rows], {}, {}, kind="head")
+
+
 def kept_heads(g, asked: int, round_to: int | None) -> tuple[int, str]:
     """(heads kept, why not ``asked``: "" when no clamp) for a head group asked to keep ``asked``
     heads; ``round_to`` applies to the channel widths, ``blocks`` make the count a multiple of
@@ -90,20 +111,20 @@ def kept_heads(g, asked: int, round_to: int | None) -> tuple[int, str]:
     nb = len(g.blocks) if getattr(g, "blocks", ()) else 1
     widths = head_widths(g)
     unit = widths[0] if widths else 1
-    head_step = _step(widths, round_to) if round_to and round_to > 1 and widths else 1
-    step = head_step * nb // math.gcd(head_step, nb)
+    per_width = _step(widths, round_to) if round_to and round_to > 1 and widths else 1
+    step = head_step(g, round_to)
     even = f"the same number of query heads in each of {nb} kv groups" if nb > 1 else ""
     k = math.ceil(asked / step) * step
     if k <= g.size:
-        why = [f"round_to={round_to}: {k} heads x {unit} = {k * unit} channels"] if head_step > 1 and k != asked else []
+        why = [f"round_to={round_to}: {k} heads x {unit} = {k * unit} channels"] if per_width > 1 and k != asked else []
         why += [even] if even and asked % nb else []
         return k, "; ".join(why)
     target = math.ceil(asked * unit / round_to) * round_to
     k = min(g.size, max(asked, math.ceil(target / unit)))
     k = min(g.size, math.ceil(k / nb) * nb)
-    why = (f"round_to={round_to} needs a multiple of {head_step} heads of {unit} channels, which this group of "
-           f"{g.size} cannot keep at or above {asked}: kept the nearest whole number of heads at or above "
-           f"{target} channels ({k} x {unit} = {k * unit}), round_to not met")
+    why = (f"round_to={round_to} not met: it needs a multiple of {per_width} heads of {unit} channels, and this "
+           f"group of {g.size} has none at or above {asked}; kept the nearest whole number of heads at or above "
+           f"{target} channels ({k} x {unit} = {k * unit})")
     return k, why + (f"; {even}" if even else "")
 
 
@@ -151,9 +172,9 @@ def next_cut(g, gone: set, s: torch.Tensor, round_to: int | None, floor: int) ->
         [1, 2]
     """
     now = g.size - len(gone)
+    step = head_step(g, round_to)
     for k in range(now - 1, max(floor, 1) - 1, -1):
-        kept, why = kept_heads(g, k, round_to)
-        if kept == k and "not met" not in why:
+        if k % step == 0:
             break
     else:
         return None
