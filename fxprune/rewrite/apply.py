@@ -271,6 +271,17 @@ def _is_impure(node: fx.Node) -> bool:
     return False
 
 
+def _eliminate_dead_code(graph: fx.Graph) -> bool:
+    """``Graph.eliminate_dead_code`` asking ``_is_impure`` only of nodes nobody uses (torch.fx asks
+    every node, which looks up each module: a third of the rewrite on large graphs)."""
+    removed = False
+    for node in reversed(graph.nodes):
+        if not node.users and node.op not in ("output", "placeholder") and not _is_impure(node):
+            graph.erase_node(node)
+            removed = True
+    return removed
+
+
 def finish(gm: fx.GraphModule, graph_changed: bool = True, codegen: bool = False) -> fx.GraphModule:
     """The finish sequence of every rewrite: DCE, drop unused submodules, lint, recompile.
 
@@ -278,8 +289,7 @@ def finish(gm: fx.GraphModule, graph_changed: bool = True, codegen: bool = False
     unchanged copy of torch.fx's trace (nothing to lint) and the code generated when it was
     copied is kept, unless ``codegen`` says the copy was made without code (then it is generated).
     """
-    unused = any(not n.users and n.op not in ("output", "placeholder") for n in gm.graph.nodes)
-    removed = unused and gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    removed = _eliminate_dead_code(gm.graph)
     if removed or graph_changed:
         gm.graph.lint()
         gm.delete_all_unused_submodules()
