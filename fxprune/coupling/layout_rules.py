@@ -10,6 +10,7 @@ from .rules import arg, describe, ndim, norm_dim, opaque
 from . import slice_rules
 from .attention_rules import split_heads
 from .gqa_rules import repeat_kv
+from .regrid import regrid, unsplittable
 from .shuffle import split_channel_dim
 from .state import Analysis, ChannelInfo, ParamRef
 from ..shapes import is_tensor_shape
@@ -132,10 +133,12 @@ def reshape(an: Analysis, node: fx.Node) -> Any:
     merged = _as_flatten(in_shape, out_shape)
     if merged is not None:
         return repeat_kv(an, node, v, in_shape, merged) or _moved_by_flatten(v, in_shape, *merged)
-    split = split_heads(an, node, v, in_shape, out_shape) or split_channel_dim(an, node, v, in_shape, out_shape)
+    split = split_heads(an, node, v, in_shape, out_shape) or split_channel_dim(an, node, v, in_shape, out_shape) \
+        or regrid(an, node, v, in_shape, out_shape)
     if split is not None:
         return split
-    return opaque(an, node, f"{describe(node)} reshapes the channel dim {in_shape} -> {out_shape}")
+    return opaque(an, node, f"{describe(node)} reshapes the channel dim {cd} of {in_shape} -> {out_shape}: "
+                            f"{unsplittable(in_shape, out_shape, cd)}")
 
 
 def permute(an: Analysis, node: fx.Node) -> Any:
