@@ -80,3 +80,44 @@ def test_t5_cross_attention_heads_go_with_the_zeros_position_bias():
     assert cross and all(g.removed and not g.blocked for g in cross), [(g.size, g.kept) for g in cross]
     widths = {n: m.out_features for n, m in pruned.named_modules() if n.endswith("EncDecAttention.q")}
     assert widths and all(w == 32 for w in widths.values()), widths  # 4 heads of 16 -> 2
+
+
+def _tiny_swin(v2: bool, depths=(2, 2)):
+    """A torchvision Swin at 32x32: stage 1 shifts its windows, stage 2's window covers its map."""
+    torch.manual_seed(0)
+    extra = dict(block=swin.SwinTransformerBlockV2, downsample_layer=swin.PatchMergingV2) if v2 else {}
+    model = swin.SwinTransformer(patch_size=[4, 4], embed_dim=24, depths=list(depths), num_heads=[2, 4],
+                                 window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=5, **extra)
+    with torch.no_grad():  # torchvision zero-initialises some weights: the oracle would compare zeros
+        for p in model.parameters():
+            if p.dim() > 1 and not p.abs().max():
+                p.normal_(0, 0.1)
+    return model.eval(), (torch.randn(2, 3, 32, 32),)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_torchvision_swin_heads_go_apart_from_the_stream(v2):
+    model, inputs = _tiny_swin(v2)
+    pruned, plan = _exact(model, inputs)
+    assert not plan.blocked_ops, plan.blocked_ops
+    assert "shifted_window_attention" not in pruned.code  # inlined with the kept head count
+    for stage, heads in ((1, 2), (3, 4)):
+        for block in (0, 1):
+            attn = f"features.{stage}.{block}.attn"
+            group = next(g for g in plan.groups if g.size == heads and any(p.target == f"{attn}.qkv.weight"
+                                                                            and p.dim == 0 for p in g.params))
+            assert group.kept == heads // 2 and group.exact
+            targets = {(p.target, p.dim) for p in group.params}
+            assert (f"{attn}.proj.weight", 1) in targets
+            assert ((f"{attn}.cpb_mlp.2.weight", 0) if v2 else (f"{attn}.relative_position_bias_table", 1)) in targets
+            if v2:
+                assert (f"{attn}.logit_scale", 0) in targets
+            qkv, proj = pruned.get_parameter(f"{attn}.qkv.weight"), pruned.get_parameter(f"{attn}.proj.weight")
+            d = 24 * 2 ** (stage // 2) // heads
+            assert qkv.shape[0] == 3 * d * heads // 2 and proj.shape[1] == d * heads // 2
+            assert proj.shape[0] == qkv.shape[1]  # the stream keeps its own width, apart from the heads
+    # other input sizes: padding and the dropped shift stay run-time values in the inlined ops
+    m64, x = copy.deepcopy(model).double(), torch.randn(1, 3, 40, 56, dtype=torch.float64)
+    result = fxprune.verify(pruned, inputs=(x,))
+    assert result.ok and result.max_error <= 1e-9, result
+    assert pruned(x).shape == m64(x).shape

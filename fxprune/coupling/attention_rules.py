@@ -277,35 +277,63 @@ def _param(an: Analysis, node: fx.Node, pos: int, name: str) -> str | None:
     return v.target if isinstance(v, ParamRef) else None
 
 
+def _window_head_units(an: Analysis, qkv_w: str, heads: int, d: int) -> tuple[tuple, tuple]:
+    """(one unit per head, the unit of each of the ``heads * d`` rows of q, k or v): new ones,
+    or those of an earlier call with the same weights."""
+    if (qkv_w, 0) in an.params:
+        rows = an.params[(qkv_w, 0)].units[:heads * d]
+        return rows[::d], rows
+    units = an.units.new_atom(("heads", qkv_w.rsplit(".", 1)[0]), heads, "producer")
+    return units, tuple(units[h] for h in range(heads) for _ in range(d))
+
+
 def shifted_window_attention(an: Analysis, node: fx.Node) -> Any:
     """torchvision's ``shifted_window_attention(x[B,H,W,C], qkv_weight, proj_weight, bias, ...)``:
-    whole heads go with the C channels they read; ``num_heads`` in the call is rewritten."""
+    one unit per head, apart from the C channels it reads and those it writes. A head is its q,
+    k and v rows of ``qkv_weight`` (masked by the oracle: a removed head's values are zero, so
+    its output is), its columns of ``proj_weight``, its column of the relative position bias
+    (v1's table, v2's ``cpb_mlp`` output rows) and v2's ``logit_scale`` entry. The function
+    derives ``head_dim`` from the input width, so once any width changes the rewrite replaces
+    the call by plain ops with the kept head count (``fxprune.rewrite.window_attention``).
+
+    Example:
+        >>> import torch, fxprune
+        >>> from torchvision.models import SwinTransformer
+        >>> m = SwinTransformer([4, 4], 16, [1, 1], [2, 2], [4, 4], num_classes=3).eval()
+        >>> p = fxprune.plan(m, fxprune.Policy(ratio=0.5, exact_only=True), (torch.randn(1, 3, 16, 16),))
+        >>> [(g.size, g.kept) for g in p.groups if g.size == 2]   # 2 heads of 8 -> 1, in each stage
+        [(2, 1), (2, 1)]
+    """
     why = describe(node)
     x = arg(node, 0, "input")
     xi, heads = _tracked_last(an, x), arg(node, 5, "num_heads")
     qkv_w, proj_w = _param(an, node, 1, "qkv_weight"), _param(an, node, 2, "proj_weight")
     if xi is None or not isinstance(heads, int) or qkv_w is None or proj_w is None:
         return opaque(an, node, f"{why}: expects channels-last input and get_attr weights")
-    units = xi.units
-    reps = coarsen(an, units, heads, "heads", why)
+    width = len(xi.units)
+    if width % heads or an.param_tensor(qkv_w).shape[0] != 3 * width:
+        return opaque(an, node, f"{why}: qkv_weight is not 3 x the input width in whole heads")
+    d = width // heads
+    reps, rows = _window_head_units(an, qkv_w, heads, d)
     qkv_owner, proj_owner = qkv_w.rsplit(".", 1)[0], proj_w.rsplit(".", 1)[0]
-    an.slice_param(qkv_w, 1, "consumer", units, qkv_owner, why)
-    an.slice_param(qkv_w, 0, "producer", units * 3, qkv_owner, why)
+    out_units = an.producer_units(proj_w, 0, an.param_tensor(proj_w).shape[0], ("out", node.name, 3))
+    an.slice_param(qkv_w, 1, "consumer", xi.units, qkv_owner, why)
+    an.slice_param(qkv_w, 0, "producer", rows * 3, qkv_owner, why)
     an.mask_at(qkv_w, 0)
-    an.slice_param(proj_w, 1, "consumer", units, proj_owner, why)
-    an.slice_param(proj_w, 0, "producer", units, proj_owner, why)
+    an.slice_param(proj_w, 1, "consumer", rows, proj_owner, why)
+    an.slice_param(proj_w, 0, "producer", out_units, proj_owner, why)
     qkv_b, proj_b = _param(an, node, 9, "qkv_bias"), _param(an, node, 10, "proj_bias")
     if qkv_b is not None:
-        an.slice_param(qkv_b, 0, "passenger", units * 3, qkv_owner, why)
+        an.slice_param(qkv_b, 0, "passenger", rows * 3, qkv_owner, why)
         an.mask_at(qkv_b, 0)
     if proj_b is not None:
-        an.slice_param(proj_b, 0, "passenger", units, proj_owner, why)
+        an.slice_param(proj_b, 0, "passenger", out_units, proj_owner, why)
     logit = _param(an, node, 11, "logit_scale")
     if logit is not None:
         an.slice_param(logit, 0, "passenger", reps, logit.rsplit(".", 1)[0], why)
     _couple_head_bias(an, node, reps, why)
-    an.rewrite_literal(node, "count", (5, "num_heads", reps))
-    return ChannelInfo(3, units)
+    an.rewrite_literal(node, "window_attention", ((reps, xi.units, out_units), d, reps))
+    return ChannelInfo(3, out_units)
 
 
 def _couple_head_bias(an: Analysis, node: fx.Node, reps: tuple, why: str) -> None:

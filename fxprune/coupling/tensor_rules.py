@@ -411,8 +411,8 @@ def creation(an: Analysis, node: fx.Node) -> Any:
         ...     def forward(self, x):
         ...         return self.b(self.a(x) + torch.ones(1, 4))
         >>> p = fxprune.plan(Net(), fxprune.Policy(ratio=0.5), (torch.randn(2, 3),))
-        >>> [(g.size, g.kept) for g in p.groups]
-        [(4, 2)]
+        >>> [(g.size, g.kept) for g in p.groups]   # the constant's 4 go with a's
+        [(4, 2), (2, 2)]
     """
     found = creation_size(node)
     out_shape = an.shape(node)

@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from ..coupling.rules import arg
 from ..coupling.tensor_rules import set_creation_size
+from .window_attention import inline as inline_window_attention
 from .attention import decompose as decompose_attention, repeat_kv
 
 
@@ -146,6 +147,7 @@ REWRITERS: dict[str, Callable[[fx.Node, Any, Callable], None]] = {
     "channel_index": channel_index,
     "narrow": narrow,
     "creation_size": creation_size,
+    "window_attention": inline_window_attention,
 }
 
 
