@@ -91,9 +91,12 @@ def _vector_over_channels(p, keepdim):
     return lambda y: torch.linalg.vector_norm(y, p, 1).unsqueeze(1)
 
 
-@pytest.mark.parametrize("capture", CAPTURES)
-@pytest.mark.parametrize("keepdim", [True, False])
-@pytest.mark.parametrize("p", [2, 1, 3, 0, INF])
+# every order with the FX front end; the export one (aten.linalg_vector_norm) on a few
+_OVER_CHANNELS = [(p, keep, "fx") for p in (2, 1, 3, 0, INF) for keep in (True, False)] + [
+    (2, True, "export"), (0, False, "export"), (INF, True, "export")]
+
+
+@pytest.mark.parametrize("p, keepdim, capture", _OVER_CHANNELS)
 def test_norm_over_channels_is_exact_for_p_at_least_zero(p, keepdim, capture):
     _, plan = _prune(ChannelNorm(_vector_over_channels(p, keepdim)), _x(1, 3, 4, 4), capture)
     group = _group_of(plan, "a.weight")
@@ -116,8 +119,8 @@ MATRIX = {  # ord -> exact when one of the two dims is the channel dim
 }
 
 
-@pytest.mark.parametrize("capture", CAPTURES)
-@pytest.mark.parametrize("order", list(MATRIX), ids=str)
+@pytest.mark.parametrize("order, capture", [(o, "fx") for o in MATRIX] + [("nuc", "export"), (-2, "export")],
+                         ids=str)
 def test_matrix_norm_over_the_channel_dim(order, capture):
     model = ChannelNorm(lambda y: torch.linalg.matrix_norm(y, ord=order, dim=(1, 2), keepdim=True))
     if MATRIX[order]:
