@@ -262,6 +262,13 @@ def _saved_prune_outputs(data: dict) -> Any:
     return value if isinstance(value, bool) else tuple(value)
 
 
+def _saved_coupling(data: dict) -> dict:
+    """The ``structures`` a rebuild needs to couple as the plan did: naming ``query-heads`` switches
+    grouped-query attention to query-head groups (``fxprune.coupling.gqa_rules``); ratios do not matter."""
+    saved = (data.get("policy") or {}).get("structures") or {}
+    return {"query-heads": 0.0} if isinstance(saved, dict) and "query-heads" in saved else {}
+
+
 def load_plan(path: str | os.PathLike) -> dict:
     """Read and check a plan file (:func:`check_plan`); a missing, unreadable, corrupt or foreign
     file, or one with a bad field, raises :class:`LoadError` naming the path (and the field).
@@ -358,7 +365,8 @@ def rebuild(model: torch.nn.Module, plan: Any, example_inputs: Any, *, state_dic
     data = check_plan(plan) if isinstance(plan, dict) else load_plan(plan)
     inputs = check_inputs(example_inputs)
     timings: dict[str, float] = {}
-    policy = Policy(importance="l1", ratio=0.0, prune_outputs=_saved_prune_outputs(data))
+    policy = Policy(importance="l1", ratio=0.0, prune_outputs=_saved_prune_outputs(data),
+                    structures=_saved_coupling(data))
     gm, an, groups, comp_to_group, index = analyse_model(model, policy, inputs, timings, leaf_modules,
                                                          concrete_args)
     _match_groups(data, groups, source)

@@ -169,6 +169,14 @@ def test_query_heads_with_round_to_on_their_channel_width(gqa):
     _exact(fxprune.apply(plan))
 
 
+def test_a_saved_query_head_plan_rebuilds_the_same_model(gqa):
+    from fxprune.serialize import plan_to_dict, rebuild
+    model, x = gqa
+    pruned = fxprune.transform(model, fxprune.Policy(ratio=0.0, structures={"query-heads": 0.5}), x)
+    again = rebuild(model, plan_to_dict(pruned.meta["fxprune"]), x)
+    assert torch.equal(again(*x), pruned(*x))
+
+
 def test_an_uneven_query_head_plan_is_refused_by_the_rewrite(gqa):
     model, x = gqa
     plan = fxprune.plan(model, fxprune.Policy(ratio=0.0, structures={"query-heads": 0.5}), x)
