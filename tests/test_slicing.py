@@ -108,12 +108,12 @@ class RunTimeBound(nn.Module):
     def __init__(self):
         super().__init__()
         self.a = nn.Conv2d(3, 8, 1)
-        self.b, self.c = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+        self.b, self.c, self.d = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
 
     def forward(self, x):
         y = self.a(x)
         half = y.size(1) // 2
-        return self.b(y[:, :half]) + self.c(y[:, half:])
+        return self.b(y[:, :half]) + self.c(y[:, half:]) + self.d(y.narrow(1, 2, y.size(1) - 4))
 
 
 def _prune(model, inputs, capture, ratio=0.5):
@@ -224,10 +224,13 @@ def test_unknown_bounds_block_with_the_node_named():
 
         def forward(self, x):
             y = self.a(x)
-            return y[:, y.size(1) // 4: y.size(1) // 2]
+            return y[:, y.size(1) // 4: y.size(1) // 2] + y.narrow(1, y.size(1) // 4, 2)
 
     plan = fxprune.plan(Both(), fxprune.Policy(ratio=0.5), IMAGE, capture="fx")
-    assert any("bounds computed at run time" in why and "getitem" in why for why in _blocked(plan))
+    blocked = _blocked(plan)
+    assert any("bounds computed at run time" in why and "'getitem'" in why for why in blocked)
+    assert any("start computed at run time" in why and "'narrow'" in why for why in blocked)
+    assert _group(plan, "a").blocked
 
 
 def test_timm_dpn_and_ghostnet_verify():
