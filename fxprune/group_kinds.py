@@ -152,7 +152,7 @@ def _always(g, facts: Facts, kinds: dict) -> bool:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("query-heads", _is_query_heads, "query heads of a repeat_kv, pruned within each kv group (structures 'query-heads')"),
+    Rule("query-heads", _is_query_heads, "query heads of a repeat_kv, pruned within each kv group (query-heads mode)"),
     Rule("kv-group", _is_kv_group, "a head split shows several query heads per channel (grouped-query attention)"),
     Rule("head", _is_head, "units made by a head split (a view into heads feeding attention, MultiheadAttention)"),
     Rule("hidden", _is_stream, "an Embedding, LayerNorm or RMSNorm acts on the channels (the residual stream)"),

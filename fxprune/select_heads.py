@@ -15,8 +15,8 @@ the query heads of each kv group: each block keeps the same number, the best-sco
 
 Example:
     >>> from fxprune.coupling.groups import Group, ParamMember
-    >>> rows = ParamMember("q.weight", 0, "producer", "q", tuple(range(96)), tuple(h for h in range(6) for _ in range(16)))
-    >>> g = Group(0, 6, [], [rows], {}, {}, kind="head")   # 6 heads of 16 channels
+    >>> heads = tuple(h for h in range(6) for _ in range(16))   # 6 heads of 16 channels
+    >>> g = Group(0, 6, [], [ParamMember("q.weight", 0, "producer", "q", tuple(range(96)), heads)], {}, {}, kind="head")
     >>> kept_heads(g, 3, 64)
     (4, 'round_to=64: 4 heads x 16 = 64 channels')
     >>> kept_heads(g, 3, 8)    # 16-channel heads already satisfy 8
@@ -101,7 +101,8 @@ def kept_heads(g, asked: int, round_to: int | None) -> tuple[int, str]:
 
     Example:
         >>> from fxprune.coupling.groups import Group, ParamMember
-        >>> q = ParamMember("q.weight", 0, "producer", "q", tuple(range(96)), tuple(h for h in range(8) for _ in range(12)))
+        >>> heads = tuple(h for h in range(8) for _ in range(12))
+        >>> q = ParamMember("q.weight", 0, "producer", "q", tuple(range(96)), heads)
         >>> g = Group(0, 8, [], [q], {}, {}, kind="query-heads", blocks=((0, 1, 2, 3), (4, 5, 6, 7)))
         >>> kept_heads(g, 3, None)
         (4, 'the same number of query heads in each of 2 kv groups')
