@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from torchvision.models import swin_transformer as swin
+from torchvision.models import maxvit, swin_transformer as swin
 
 import fxprune
 from fxprune import model_zoo
@@ -48,8 +48,7 @@ MAKERS = {
 }
 
 
-@pytest.mark.parametrize("capture", ["fx", "export"])
-@pytest.mark.parametrize("name", sorted(MAKERS))
+@pytest.mark.parametrize("name,capture", [(n, "fx") for n in sorted(MAKERS)] + [("zeros", "export"), ("new_zeros", "export")])
 def test_creation_op_sized_by_heads_loses_the_removed_heads(name, capture):
     torch.manual_seed(0)
     pruned, plan = _exact(_Bias(MAKERS[name]), (torch.randn(2, 5, 8),), capture=capture)
@@ -121,3 +120,15 @@ def test_torchvision_swin_heads_go_apart_from_the_stream(v2):
     result = fxprune.verify(pruned, inputs=(x,))
     assert result.ok and result.max_error <= 1e-9, result
     assert pruned(x).shape == m64(x).shape
+
+
+def test_torchvision_maxvit_heads_are_their_own_groups_with_their_bias_column():
+    torch.manual_seed(0)
+    model = maxvit.MaxVit((16, 16), 8, 2, [8, 16], [1, 1], 4, 0.0, num_classes=3).eval()
+    pruned, plan = _exact(model, (torch.randn(2, 3, 16, 16),))
+    heads = [g for g in plan.groups if g.kind == "head"]
+    assert len(heads) == 4 and all(g.removed and g.exact for g in heads)  # window and grid attention, 2 stages
+    for g in heads:
+        targets = {(p.target, p.dim) for p in g.params}
+        owner = next(t for t, d in targets if t.endswith("to_qkv.weight")).rsplit(".", 2)[0]
+        assert {(f"{owner}.relative_position_bias_table", 1), (f"{owner}.merge.weight", 1)} <= targets
