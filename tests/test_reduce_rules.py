@@ -341,3 +341,28 @@ def test_timm_models_prune_exactly(name, size):
     _, plan = _prune(model, _x(1, 3, size, size), "fx", exact_only=True)
     assert sum(g.size - g.kept for g in plan.groups) > 0
     assert not any("norm" in why or "reshape_as" in why for _, why in plan.blocked_ops)
+
+
+class HaloBlock(nn.Module):
+    """timm's halo attention (halonet_h1's block) on a tiny map: key/value windows by
+    ``Tensor.unfold`` over H and W, heads split out of the channels."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers.halo_attn import HaloAttn
+        self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 2, 1)
+        self.attn = HaloAttn(16, 16, num_heads=2, block_size=4, halo_size=1, dim_head=4)
+
+    def forward(self, x):
+        return self.b(self.attn(self.a(x)))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_halo_attention_prunes_heads_and_input_channels(capture):
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    _, plan = _prune(HaloBlock(), _x(1, 3, 8, 8), capture)
+    assert _group_of(plan, "a.weight").kept == 8
+    heads = _group_of(plan, "attn.q.weight")
+    assert heads.size == 2 and heads.kept == 1 and heads.exact
+    assert not any("unfold" in why for _, why in plan.blocked_ops)

@@ -76,7 +76,21 @@ def _dims(dims: Any, nd: int) -> list[int] | None:
 def reduce_over(an: Analysis, node: fx.Node, dims: Any, keepdim: Any, inexact: str | None) -> Any:
     """A reduction of input 0 over ``dims`` (None: all): channels pass through when the channel
     dim is kept; over it, the output carries no channels (fresh, pinned) and the input's
-    channels are marked inexact when ``inexact`` gives a reason (None: removal is exact)."""
+    channels are marked inexact when ``inexact`` gives a reason (None: removal is exact).
+
+    Example (the smallest |x| over the channels takes a removed channel's zero: inexact):
+        >>> import torch, fxprune
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 2, 1)
+        ...     def forward(self, x):
+        ...         y = self.a(x)
+        ...         return self.b(y) * y.norm(p=float("-inf"), dim=1, keepdim=True)
+        >>> p = fxprune.plan(Net(), fxprune.Policy(ratio=0.5), (torch.randn(1, 3, 2, 2),))
+        >>> [g.exact for g in p.groups if g.size == 8]
+        [False]
+    """
     x = arg(node, 0, "input")
     v, nd = an.tensor_info(x), ndim(an, x)
     if v is None or nd is None:
@@ -112,7 +126,14 @@ def _matrix(an: Analysis, node: fx.Node, p: Any, dims: Any, keepdim: Any) -> Any
 
 def torch_norm(an: Analysis, node: fx.Node) -> Any:
     """``torch.norm`` / ``Tensor.norm(p="fro", dim=None, keepdim=False)``: "fro" over at most two
-    dims and every number is a vector norm (None: 2); other strings ("nuc") a matrix norm."""
+    dims and every number is a vector norm (None: 2); other strings ("nuc") a matrix norm.
+
+    Example:
+        >>> from fxprune.coupling.ops import FUNCTION_RULES, METHOD_RULES
+        >>> import torch
+        >>> FUNCTION_RULES[torch.norm] is METHOD_RULES["norm"] is torch_norm
+        True
+    """
     p, dims, keep = arg(node, 1, "p", "fro"), arg(node, 2, "dim", None), arg(node, 3, "keepdim", False)
     if isinstance(p, str):
         if p == "fro" and (dims is None or isinstance(dims, int) or len(dims) <= 2):
@@ -123,19 +144,40 @@ def torch_norm(an: Analysis, node: fx.Node) -> Any:
 
 
 def linalg_vector_norm(an: Analysis, node: fx.Node) -> Any:
-    """``torch.linalg.vector_norm(x, ord=2, dim=None, keepdim=False)``."""
+    """``torch.linalg.vector_norm(x, ord=2, dim=None, keepdim=False)``.
+
+    Example:
+        >>> import torch
+        >>> from fxprune.coupling.ops import FUNCTION_RULES
+        >>> FUNCTION_RULES[torch.linalg.vector_norm] is linalg_vector_norm
+        True
+    """
     return _vector(an, node, arg(node, 1, "ord", 2), arg(node, 2, "dim", None), arg(node, 3, "keepdim", False))
 
 
 def linalg_matrix_norm(an: Analysis, node: fx.Node) -> Any:
-    """``torch.linalg.matrix_norm(A, ord="fro", dim=(-2, -1), keepdim=False)``."""
+    """``torch.linalg.matrix_norm(A, ord="fro", dim=(-2, -1), keepdim=False)``.
+
+    Example:
+        >>> import torch
+        >>> from fxprune.coupling.ops import FUNCTION_RULES
+        >>> FUNCTION_RULES[torch.linalg.matrix_norm] is linalg_matrix_norm
+        True
+    """
     return _matrix(an, node, arg(node, 1, "ord", "fro"), arg(node, 2, "dim", (-2, -1)), arg(node, 3, "keepdim", False))
 
 
 def linalg_norm(an: Analysis, node: fx.Node) -> Any:
     """``torch.linalg.norm(A, ord=None, dim=None, keepdim=False)``: one dim (or none and no ord,
     the flattened tensor) is a vector norm (ord None: 2); two dims a matrix norm (None: "fro");
-    ``ord`` without ``dim`` takes a 1-D input as a vector, a 2-D one as a matrix."""
+    ``ord`` without ``dim`` takes a 1-D input as a vector, a 2-D one as a matrix.
+
+    Example:
+        >>> import torch
+        >>> from fxprune.coupling.ops import FUNCTION_RULES
+        >>> FUNCTION_RULES[torch.linalg.norm] is linalg_norm
+        True
+    """
     p, dims, keep = arg(node, 1, "ord", None), arg(node, 2, "dim", None), arg(node, 3, "keepdim", False)
     if isinstance(dims, (list, tuple)) and len(dims) == 1:
         dims = dims[0]
@@ -153,7 +195,14 @@ def linalg_norm(an: Analysis, node: fx.Node) -> Any:
 def im2col(an: Analysis, node: fx.Node) -> Any:
     """``F.unfold`` / ``nn.Unfold``: ``(N, C, H, W) -> (N, C * k, L)``, channel ``c`` owning
     entries ``[c * k, (c + 1) * k)`` of dim 1 (unbatched: dim 0); channels on a spatial dim are
-    scattered over blocks and positions, which blocks them."""
+    scattered over blocks and positions, which blocks them.
+
+    Example:
+        >>> import torch
+        >>> from fxprune.coupling.ops import FUNCTION_RULES, MODULE_RULES
+        >>> FUNCTION_RULES[torch.nn.functional.unfold] is MODULE_RULES[torch.nn.Unfold] is im2col
+        True
+    """
     x = arg(node, 0, "input")
     v, in_shape, out_shape = an.tensor_info(x), an.shape(x), an.shape(node)
     if v is None or not is_tensor_shape(in_shape) or not is_tensor_shape(out_shape) or len(in_shape) < 3:
@@ -172,7 +221,13 @@ def im2col(an: Analysis, node: fx.Node) -> Any:
 
 def tensor_unfold(an: Analysis, node: fx.Node) -> Any:
     """``Tensor.unfold(dimension, size, step)``: windows along another dim leave the channels in
-    place (a trailing window dim is appended); windows along the channel dim mix neighbours."""
+    place (a trailing window dim is appended); windows along the channel dim mix neighbours.
+
+    Example:
+        >>> from fxprune.coupling.ops import METHOD_RULES
+        >>> METHOD_RULES["unfold"] is tensor_unfold
+        True
+    """
     x = arg(node, 0, "input")
     v, nd = an.tensor_info(x), ndim(an, x)
     d = arg(node, 1, "dimension")
@@ -224,14 +279,26 @@ def _param_like_other(an: Analysis, node: fx.Node, p: ParamRef, ov: Any, why: st
 
 def reshape_as(an: Analysis, node: fx.Node) -> Any:
     """``x.reshape_as(other)`` / ``x.view_as(other)``: the reshape rule on the traced shapes,
-    coupled with ``other``; the target shape is other's, so no literal is rewritten."""
+    coupled with ``other``; the target shape is other's, so no literal is rewritten.
+
+    Example:
+        >>> from fxprune.coupling.ops import METHOD_RULES
+        >>> METHOD_RULES["reshape_as"] is METHOD_RULES["view_as"] is reshape_as
+        True
+    """
     out = L.reshape(an, node)
     an.literals.pop(node.name, None)
     return _like_other(an, node, out)
 
 
 def expand_as(an: Analysis, node: fx.Node) -> Any:
-    """``x.expand_as(other)``: the expand rule, coupled with ``other``."""
+    """``x.expand_as(other)``: the expand rule, coupled with ``other``.
+
+    Example:
+        >>> from fxprune.coupling.ops import METHOD_RULES
+        >>> METHOD_RULES["expand_as"] is expand_as
+        True
+    """
     return _like_other(an, node, T.expand(an, node))
 
 
@@ -239,7 +306,13 @@ def param_view(an: Analysis, node: fx.Node) -> Any:
     """``param.view(1, 1, 1, -1)``: a per-channel parameter (one dim over 1) reshaped to broadcast
     is a table of its own channels on the output's one dim over 1 (sliced as a passenger; its
     users couple it); a view to the same shape stays the parameter; any other view of a
-    parameter goes to the reshape rule (which blocks it)."""
+    parameter goes to the reshape rule (which blocks it).
+
+    Example:
+        >>> from fxprune.coupling.ops import METHOD_RULES
+        >>> METHOD_RULES["view"] is METHOD_RULES["reshape"] is param_view
+        True
+    """
     p, out_shape = an.value(arg(node, 0, "input")), an.shape(node)
     if isinstance(p, ParamRef) and is_tensor_shape(out_shape):
         shape = tuple(an.param_tensor(p.target).shape)
