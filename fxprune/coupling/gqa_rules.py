@@ -87,8 +87,8 @@ def repeat_kv(an: Analysis, node: fx.Node, v: ChannelInfo, in_shape: tuple, merg
     if src is None or not _feeds_contraction(node):
         return None
     kv, rep = in_shape[cd], in_shape[cd + 1]
-    why = (f"{describe(node)} repeats {kv} key/value heads for {kv * rep} query heads (repeat_kv); with "
-           "structures 'query-heads' the query heads of each kv group are pruned and the key/value heads stay")
+    why = (f"key/value heads stay under structures 'query-heads' (query heads go within each kv group): "
+           f"{describe(node)} repeats {kv} key/value heads for {kv * rep} query heads (repeat_kv)")
     an.units.pin(v.units, why)
     fresh = an.units.new_atom(("out", node.name, cd), kv * rep, "repeat")
     an.rewrite_literal(src, "repeat_kv", (fresh, kv, cd + 1, node.name))
