@@ -172,7 +172,7 @@ def _report(args: argparse.Namespace) -> int:
     head = [capture_line(doc["capture"])] if doc.get("capture") else []
     if doc.get("blocked"):
         advice = doc["blocked"].get("advice")
-        head = [doc["blocked"]["line"], *([f"Warning: {advice}"] if advice else []), *head]
+        head = [*head, doc["blocked"]["line"], *([f"Warning: {advice}"] if advice else [])]
     _emit(args, doc, "\n".join([*head, "wrote:", *(f"  {line}" for line in lines)]))
     return 0
 

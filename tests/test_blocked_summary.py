@@ -151,3 +151,11 @@ def test_an_unblocked_plan_reports_zero():
     s = blocked_summary(fxprune.plan(m, fxprune.Policy(), (torch.randn(1, 3, 8, 8),)))
     assert (s.channels, s.blocked, s.causes, s.line()) == (8, 0, [], "Blocked: 0% of 8 prunable channels")
     assert s.advice() is None
+
+
+def test_cli_prune_prints_the_line_after_the_capture_line(capsys):
+    from fxprune.cli import main
+    assert main(["prune", "squeezenet1_1", "--input-size", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("captured with torch.fx")
+    assert lines[1] == "Blocked: 0% of 2,944 prunable channels"
