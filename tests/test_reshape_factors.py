@@ -158,6 +158,31 @@ def test_split_whose_inner_factor_is_summed_keeps_whole_outer_blocks(capture):
     assert pruned.a.out_channels == 8 and pruned.b.in_channels == 2
 
 
+class Unflattens(nn.Module):
+    """nn.Unflatten and Tensor.unflatten (with -1) splitting a Linear's features into conv channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.up = nn.Linear(8, 64), nn.Unflatten(1, (16, 2, 2))
+        self.a, self.b = nn.Conv2d(16, 8, 1), nn.Conv2d(2, 3, 1)
+
+    def forward(self, x):
+        y = self.a(self.up(self.fc(x)))               # (B, 8, 2, 2)
+        return self.b(y.flatten(1).unflatten(1, (-1, 2, 2, 2)).sum(1))  # (B, 4, 2, 2, 2) summed over dim 1
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_unflatten_module_and_method_write_the_kept_width(capture):
+    pruned, plan = _transform(Unflattens(), torch.randn(2, 8, dtype=torch.float64), capture)
+    # a's channel 2i + j lands at (i, j) of the (4, 2) factors; the sum goes over i and b reads j:
+    # j carries the channels, each a block of 4 of a's channels
+    assert _pruned_groups(plan) == [(2, 1), (16, 8)]
+    assert pruned.fc.out_features == 32 and pruned.a.in_channels == 8 and pruned.a.out_channels == 4
+    assert pruned.b.in_channels == 1
+    if capture == "fx":
+        assert "unflatten(1, (8, 2, 2))" in pruned.code
+
+
 def test_single_channel_dim_is_blocked_with_the_reason():
     class Spread(nn.Module):  # ECA-style: a 1-channel conv1d output laid out as 8 channels
         def __init__(self):

@@ -205,6 +205,7 @@ TWINS: dict[Any, Twin] = {
     aten.lift_fresh_copy: _method("clone"), aten.type_as: _method("type_as"),
     # layout
     aten.view: _method("view"), aten.reshape: _method("reshape"), aten._unsafe_view: _method("view"),
+    aten.unflatten: _method("unflatten"),
     aten.permute: _fn(torch.permute), aten.transpose: _fn(torch.transpose), aten.t: _fn(torch.transpose, _transpose_2d),
     aten.flatten: _fn(torch.flatten), aten.unsqueeze: _fn(torch.unsqueeze), aten.squeeze: _fn(torch.squeeze),
     aten.expand: _method("expand", lambda a, k: (a[:2], {})), aten.expand_as: _method("expand_as"),

@@ -141,6 +141,35 @@ def reshape(an: Analysis, node: fx.Node) -> Any:
                             f"{unsplittable(in_shape, out_shape, cd)}")
 
 
+def unflatten(an: Analysis, node: fx.Node) -> Any:
+    """``x.unflatten(dim, sizes)`` / ``torch.unflatten`` / ``nn.Unflatten``: a view that splits one
+    dim, with the semantics of ``reshape``; when the channel dim is split, the rewrite writes the
+    kept width into ``sizes`` (``fxprune.rewrite.literals.view_dims``).
+
+    Example:
+        >>> import torch, fxprune
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Unflatten(1, (8, 2, 2)),
+        ...                         torch.nn.Conv2d(8, 3, 1))
+        >>> pruned = fxprune.transform(m, fxprune.Policy(ratio=0.5), (torch.randn(1, 4),))
+        >>> pruned.code.count("unflatten(1, (4, 2, 2))"), getattr(pruned, "0").out_features
+        (1, 16)
+    """
+    out = reshape(an, node)
+    in_shape, out_shape = an.shape(arg(node, 0, "input")), an.shape(node)
+    if not isinstance(out, ChannelInfo) or not is_tensor_shape(in_shape) or node.name in dict(an.blocked_ops):
+        return out
+    if node.op == "call_module":
+        dim = an.modules[node.target].dim
+    else:
+        dim = arg(node, 1, "dim")
+    start = norm_dim(dim, len(in_shape)) if isinstance(dim, int) else -1
+    if start <= out.dim < start + len(out_shape) - len(in_shape) + 1:
+        kind, payload = an.literals.get(node.name, (None, None))
+        fixed = payload[1] if kind == "view_dims" else {}
+        an.rewrite_literal(node, "view_dims", (out.units, fixed, out.dim))
+    return out
+
+
 def permute(an: Analysis, node: fx.Node) -> Any:
     x = arg(node, 0, "input")
     v = an.tensor_info(x)

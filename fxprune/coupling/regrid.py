@@ -64,6 +64,7 @@ _CHANNEL_FIRST_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.
 _CHANNEL_LAST_FUNCTIONS = {F.linear, F.layer_norm, F.rms_norm}
 # Ops that work along one dim given as argument 1 / ``dim``: that dim is not a channel dim there
 _ALONG_DIM = {"softmax", "log_softmax", "sum", "mean", "amax", "amin", "cumsum"}
+_REDUCTIONS = {"sum", "mean", "amax", "amin"}
 _LOOKAHEAD = 6
 
 
@@ -151,9 +152,12 @@ def _consumer_dims(an: Analysis, node: fx.Node, nd: int) -> tuple[set[int], set[
             name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
             if name in _ALONG_DIM:
                 dims = arg(user, 1, "dim")
-                for d in dims if isinstance(dims, (list, tuple)) else [dims]:
-                    if isinstance(d, int):
-                        avoid.add(origin[norm_dim(d, len(origin))])
+                dims = [norm_dim(d, len(origin)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])
+                        if isinstance(d, int)]
+                avoid.update(origin[d] for d in dims)
+                if dims and depth < _LOOKAHEAD:  # the reduced dims go, unless kept
+                    kept = name not in _REDUCTIONS or bool(arg(user, 2, "keepdim", False))
+                    todo.append((user, [o for d, o in enumerate(origin) if kept or d not in dims], depth + 1))
                 continue
             moved = _dims_of(an, user, len(origin)) if depth < _LOOKAHEAD else None
             if moved is not None:
@@ -161,10 +165,12 @@ def _consumer_dims(an: Analysis, node: fx.Node, nd: int) -> tuple[set[int], set[
     return want, avoid
 
 
-def _choose(an: Analysis, node: fx.Node, a2: int, axes: list[int], natural: list[int]) -> tuple[int, str]:
-    """The axis of the output block that carries the channels, and why."""
-    if len(axes) >= 2 and _feeds_contraction(node):
-        return axes[-2], "whole heads go together"
+def _choose(an: Analysis, node: fx.Node, a2: int, out_block: tuple, natural: list[int]) -> tuple[int, str]:
+    """The axis of the output block that carries the channels, and why (no reason: a natural
+    axis, nothing to couple)."""
+    if _feeds_contraction(node):  # (..., heads, head_dim): a single head is one unit
+        return len(out_block) - 2, "whole heads go together"
+    axes = [t for t, s in enumerate(out_block) if s > 1]
     want, avoid = _consumer_dims(an, node, len(an.shape(node)))
     wanted = [t for t in axes if a2 + t in want]
     if natural:
@@ -192,7 +198,7 @@ def regrid(an: Analysis, node: fx.Node, v: ChannelInfo, in_shape: tuple, out_sha
         t = axes[0]
         return ChannelInfo(a2 + t, tuple(ids.movedim(t, 0).reshape(out_block[t], -1)[:, 0].tolist()))
     roots = an.units.root_tensor()[ids]
-    t, how = _choose(an, node, a2, axes, _natural(roots, axes))
+    t, how = _choose(an, node, a2, out_block, _natural(roots, axes))
     slabs = ids.movedim(t, 0).reshape(out_block[t], -1)
     reps = tuple(slabs[:, 0].tolist())
     if how:

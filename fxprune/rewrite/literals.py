@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from ..coupling.rules import arg
 from ..coupling.tensor_rules import set_creation_size
+from ..shapes import shape
 from .window_attention import inline as inline_window_attention
 from .attention import decompose as decompose_attention, repeat_kv
 
@@ -71,8 +72,12 @@ def count(node: fx.Node, payload: tuple, kept: Callable) -> None:
 
 def view_dims(node: fx.Node, payload: tuple, kept: Callable) -> None:
     """``view``/``reshape`` entries that stay at their traced value: a head width computed at run
-    time from another tensor (``C // heads``) would follow that tensor's width, not the heads'."""
-    units, sizes = payload
+    time from another tensor (``C // heads``) would follow that tensor's width, not the heads'.
+    An ``unflatten`` (payload ``(units, sizes, channel_dim)``) also gets its channel entry here."""
+    units, sizes, *channel = payload
+    if channel:
+        _unflatten_sizes(node, units, sizes, channel[0], kept)
+        return
     if "shape" in node.kwargs:
         dims = list(node.kwargs["shape"])
     else:
@@ -87,6 +92,30 @@ def view_dims(node: fx.Node, payload: tuple, kept: Callable) -> None:
         node.kwargs = {**node.kwargs, "shape": tuple(dims)}
     else:
         node.args = (node.args[0], tuple(dims)) if packed else (node.args[0], *dims)
+
+
+def _unflatten_sizes(node: fx.Node, units: tuple, sizes: dict, channel: int, kept: Callable) -> None:
+    """``x.unflatten(dim, sizes)`` / ``torch.unflatten`` / ``nn.Unflatten(dim, sizes)``: entries of
+    ``sizes`` by output dim (``sizes``: kept at their traced value, ``channel``: the kept width, -1
+    stays); an ``nn.Unflatten`` call becomes ``x.unflatten(dim, sizes)``."""
+    if kept(units) == len(units):
+        return
+    x = node.args[0]
+    if node.op == "call_module":
+        m = node.graph.owning_module.get_submodule(node.target)
+        dim, split = m.dim, tuple(m.unflattened_size)
+    else:
+        dim, split = arg(node, 1, "dim"), tuple(arg(node, 2, "sizes"))
+    out_ndim = len(shape(node))
+    start = dim if dim >= 0 else dim + out_ndim - len(split) + 1
+    new = list(split)
+    for d, size in sizes.items():
+        if start <= d < start + len(new):
+            new[d - start] = size
+    if start <= channel < start + len(new) and new[channel - start] != -1:
+        new[channel - start] = kept(units)
+    node.op, node.target = "call_method", "unflatten"
+    node.args, node.kwargs = (x, dim, tuple(new)), {}
 
 
 def _entry_after(spec: tuple, kept: Callable) -> Any:
