@@ -366,3 +366,26 @@ def test_halo_attention_prunes_heads_and_input_channels(capture):
     heads = _group_of(plan, "attn.q.weight")
     assert heads.size == 2 and heads.kept == 1 and heads.exact
     assert not any("unfold" in why for _, why in plan.blocked_ops)
+
+
+class ParamViews(nn.Module):
+    """Per-channel parameters viewed to broadcast, with a literal channel count, ``-1`` and
+    ``torch.reshape``, and a per-token table viewed onto another dim than the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+        self.gamma, self.beta = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(8))
+        self.rows = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        y = self.a(x) * self.gamma.view(1, 8, 1, 1) + torch.reshape(self.beta, (1, -1, 1, 1))
+        return self.b(y + self.rows.view(1, 1, 4, 1))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_per_channel_parameter_views_follow_the_channels(capture):
+    pruned, plan = _prune(ParamViews(), _x(1, 3, 4, 5), capture)
+    group = _group_of(plan, "a.weight")
+    assert group.kept == 4 and {"gamma", "beta"} <= {p.target for p in group.params}
+    assert tuple(pruned.gamma.shape) == (4,) and tuple(pruned.rows.shape) == (4,)
