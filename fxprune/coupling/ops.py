@@ -213,6 +213,9 @@ def rule_for(an, node) -> Rule | None:
         for cls in type(module).__mro__:
             if cls in MODULE_RULES and type(module).forward is cls.forward:
                 return MODULE_RULES[cls]
+        from . import timm_rules  # its table imports timm on first use: only for timm's modules
+        if timm_rules.is_timm(module):
+            return timm_rules.module_rule(module)
     return None
 
 

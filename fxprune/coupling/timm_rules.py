@@ -1,0 +1,194 @@
+"""timm's layers kept whole (``leaf_modules=[...]``): one row per layer type, built on first use.
+
+``ops.rule_for`` consults :func:`module_rule` only for modules whose class (or a base class) is
+defined in a module named ``timm.*``, so importing fxprune never imports timm; the table and the
+hyper-parameter fixers of the rewrite (``fxprune.rewrite.slicers.register_fixer``) are made the
+first time such a module is met.
+
+What each row says:
+
+- ``Conv2dSame`` (and timm's ``get_same_padding``/``pad_same``: padding from the spatial size
+  only): a convolution; ``StdConv2d``/``ScaledStdConv2d`` (and ``*Same``): a convolution whose
+  weight is standardised per output row (``gain`` a passenger of the output channels); the input
+  channels it consumes are approximate unless it is depthwise (see ``param_expr``).
+- ``BatchNormAct2d``/``FrozenBatchNormAct2d``, ``GroupNormAct``/``GroupNorm1Act``, timm's
+  ``LayerNorm``/``LayerNormAct``, ``LayerNorm2d``/``LayerNormAct2d`` (channels-first, over dim 1):
+  the norm's own rule, followed by its ``drop`` and ``act``, which must be per-channel modules.
+- ``AvgPool2dSame``/``MaxPool2dSame``: pooling; ``BlurPool2d``: a fixed depthwise filter (its
+  ``filt`` buffer a passenger when it has one row per channel; ``channels`` follows).
+- timm's activations (``GELU``, ``Swish``, ``HardSwishMe``, ...): per-channel; its ``PReLU``: a
+  per-channel weight.
+- ``EcaModule``/``CecaModule``: blocked: a conv1d across the channel dim gates each channel by
+  its neighbours.
+
+Example:
+    >>> import torch, timm.layers as tl, fxprune
+    >>> m = torch.nn.Sequential(tl.Conv2dSame(3, 8, 3, stride=2), tl.BatchNormAct2d(8),
+    ...                         torch.nn.Conv2d(8, 2, 1))
+    >>> p = fxprune.plan(m, fxprune.Policy(ratio=0.5), (torch.randn(1, 3, 8, 8),),
+    ...                  leaf_modules=[tl.Conv2dSame, tl.BatchNormAct2d])
+    >>> pruned = fxprune.apply(p)
+    >>> getattr(pruned, "1").num_features
+    4
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch.fx as fx
+import torch.nn as nn
+
+from . import conv_rules as C
+from . import norm_rules as N
+from . import rules as R
+from .state import Analysis, ChannelInfo
+
+
+def is_timm(module: nn.Module) -> bool:
+    """True when the module's class or a base class is defined in timm."""
+    return any(getattr(c, "__module__", "").startswith("timm.") for c in type(module).__mro__)
+
+
+def module_rule(module: nn.Module) -> Callable | None:
+    """The rule of a timm module, or None when its type (with that forward) has no row."""
+    table = _table()
+    for cls in type(module).__mro__:
+        if cls in table and type(module).forward is cls.forward:
+            return table[cls]
+    return None
+
+
+def _per_channel(an: Analysis, node: fx.Node, m: nn.Module, names: tuple = ("drop", "act")) -> str | None:
+    """None when every submodule in ``names`` is per-channel (a passthrough row), else why not."""
+    from .ops import MODULE_RULES
+    for name in names:
+        sub = getattr(m, name, None)
+        if sub is None:
+            continue
+        rule = next((MODULE_RULES[c] for c in type(sub).__mro__
+                     if c in MODULE_RULES and type(sub).forward is c.forward), None)
+        if rule is None and is_timm(sub):
+            rule = module_rule(sub)
+        if rule is not R.passthrough:
+            return f"{R.describe(node)}: its {name} ({type(sub).__name__}) is not a per-channel module fxprune knows"
+    return None
+
+
+def _with_act(norm_rule: Callable) -> Callable:
+    """A norm followed by ``drop`` and ``act``: the norm's rule when both are per-channel."""
+    def rule(an: Analysis, node: fx.Node) -> Any:
+        why = _per_channel(an, node, an.modules[node.target])
+        return R.opaque(an, node, why) if why else norm_rule(an, node)
+    rule.__doc__ = f"{norm_rule.__name__}, then per-channel ``drop`` and ``act``"
+    return rule
+
+
+def layer_norm_2d(an: Analysis, node: fx.Node) -> Any:
+    """timm ``LayerNorm2d``: LayerNorm over dim 1 of an NCHW tensor (inexact over the channels;
+    weight and bias are passengers; ``normalized_shape`` follows)."""
+    m = an.modules[node.target]
+    v = an.tensor_info(R.arg(node, 0, "input"))
+    if v is None or v.dim != 1 or len(m.normalized_shape) != 1 or len(v.units) != m.normalized_shape[0]:
+        return R.opaque(an, node, f"{R.describe(node)}: channels are not on dim 1")
+    why = R.describe(node)
+    an.units.mark_inexact(v.units, f"{why} normalises over the channel dim: removing a channel changes "
+                                   "the others' mean and variance")
+    for target in N._present(m, node.target, ("weight", "bias")):
+        an.slice_param(target, 0, "passenger", v.units, node.target, why)
+    an.size_module(node.target, v.units, why)
+    return ChannelInfo(1, v.units)
+
+
+def std_conv(an: Analysis, node: fx.Node) -> Any:
+    """timm ``StdConv2d``/``ScaledStdConv2d`` kept whole: a convolution whose weight rows are
+    standardised over their input channels (``gain``: one entry per output channel)."""
+    m = an.modules[node.target]
+    v = an.tensor_info(R.arg(node, 0, "input"))
+    out = C.conv_module(an, node)
+    if not isinstance(out, ChannelInfo):
+        return out
+    why = R.describe(node)
+    if getattr(m, "gain", None) is not None:
+        an.slice_param(f"{node.target}.gain", 0, "passenger", out.units, node.target, why)
+    if m.groups != m.in_channels and v is not None and v.dim == 1:
+        an.units.mark_inexact(v.units, f"{why} standardises each weight row over its input channels: "
+                                       "removing an input channel changes the kept weights")
+    return out
+
+
+def blur_pool(an: Analysis, node: fx.Node) -> Any:
+    """timm ``BlurPool2d``: reflect-padding and a fixed depthwise low-pass filter (per channel)."""
+    m = an.modules[node.target]
+    v = an.tensor_info(R.arg(node, 0, "input"))
+    if v is None or v.dim != 1 or R.ndim(an, R.arg(node, 0, "input")) != 4:
+        return R.opaque(an, node, f"{R.describe(node)}: channels are not on dim 1 of an NCHW input")
+    if m.channels is not None:
+        an.slice_param(f"{node.target}.filt", 0, "passenger", v.units, node.target, R.describe(node))
+        an.size_module(node.target, v.units, R.describe(node))
+    return ChannelInfo(1, v.units)
+
+
+def eca(an: Analysis, node: fx.Node) -> Any:
+    """timm ``EcaModule``/``CecaModule``: blocked (each channel's gate mixes its neighbours)."""
+    k = an.modules[node.target].conv.kernel_size[0]
+    return R.opaque(an, node, f"{R.describe(node)}: a conv1d across the channel dim (kernel {k}) gates "
+                              "each channel by its neighbours' means")
+
+
+# -- fixers of the rewrite (module size attributes after slicing) -----------------------------
+def _blur_pool_fixer(m: nn.Module, before: dict) -> None:
+    if m.channels is not None:
+        m.channels = m.filt.shape[0]
+
+
+def _frozen_bn_fixer(m: nn.Module, before: dict) -> None:
+    m.num_features = m.running_mean.shape[0]
+
+
+_ACTIVATIONS = (  # elementwise, one value in, one out
+    "activations:Swish", "activations:Mish", "activations:Sigmoid", "activations:Tanh", "activations:HardSwish",
+    "activations:HardSigmoid", "activations:HardMish", "activations:GELU", "activations:GELUTanh",
+    "activations:QuickGELU", "activations_me:SwishMe", "activations_me:MishMe", "activations_me:HardSigmoidMe",
+    "activations_me:HardSwishMe", "activations_me:HardMishMe",
+)
+ROWS: dict[str, Callable] = {  # "timm.layers.<module>:<class>" -> rule
+    "conv2d_same:Conv2dSame": C.conv_module,
+    **{f"std_conv:{n}": std_conv for n in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")},
+    "norm_act:BatchNormAct2d": _with_act(R.batch_norm_module),
+    "norm_act:FrozenBatchNormAct2d": _with_act(R.batch_norm_module),
+    "norm_act:GroupNormAct": _with_act(N.group_norm_module), "norm_act:GroupNorm1Act": _with_act(N.group_norm_module),
+    "norm:LayerNorm": N.layer_norm_module, "norm_act:LayerNormAct": _with_act(N.layer_norm_module),
+    "norm:LayerNorm2d": layer_norm_2d, "norm_act:LayerNormAct2d": _with_act(layer_norm_2d),
+    "pool2d_same:AvgPool2dSame": functools.partial(R.passthrough, spatial=2),
+    "pool2d_same:MaxPool2dSame": functools.partial(R.passthrough, spatial=2),
+    "blur_pool:BlurPool2d": blur_pool,
+    "eca:EcaModule": eca, "eca:CecaModule": eca,
+    **{name: R.passthrough for name in _ACTIVATIONS},
+    "activations:PReLU": N.prelu_module,
+}
+FIXER_ROWS: dict[str, Callable] = {
+    "blur_pool:BlurPool2d": _blur_pool_fixer,
+    "norm_act:FrozenBatchNormAct2d": _frozen_bn_fixer,
+}
+
+
+def _resolve(name: str) -> type | None:
+    """``"module:Class"`` under ``timm.layers`` as a type; None where this timm lacks it."""
+    import importlib
+    module, _, cls = name.partition(":")
+    try:
+        return getattr(importlib.import_module(f"timm.layers.{module}"), cls, None)
+    except ImportError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _table() -> dict:
+    """``ROWS`` by type (timm imported here, on first use); registers ``FIXER_ROWS`` with the rewrite."""
+    from ..rewrite import slicers
+    for name, fixer in FIXER_ROWS.items():
+        cls = _resolve(name)
+        if cls is not None:
+            slicers.register_fixer(cls, fixer)
+    return {cls: rule for name, rule in ROWS.items() if (cls := _resolve(name)) is not None}
