@@ -64,8 +64,22 @@ from benchmarks.reproduce.llm_tp import choose_ratio, tp_prune  # noqa: E402
 from benchmarks.reproduce.train_baselines import CACHE_DIR  # noqa: E402
 
 FXPRUNE_METHODS = ("l1", "taylor", "sensitivity", "activation")
-# Named variants of registered criteria: method name -> (criterion, importance options).
-VARIANTS = {"sensitivity-consumer": ("sensitivity", {"sensitivity_terms": "consumer"})}
+# Structure variants: suffix -> Policy(structures=...). With a params budget the named kinds keep
+# their ratio and the search sets the others (fxprune.group_kinds): "@heads-mlp" prunes attention
+# (whole kv groups: a key/value head with its query heads) and the SwiGLU width, never the hidden
+# size; "@hidden" prunes only the hidden size (residual stream, embedding and norms with it).
+STRUCTURES = {"heads-mlp": {"hidden": 0.0},
+              "hidden": {"heads": 0.0, "kv-groups": 0.0, "mlp": 0.0}}
+# Criteria of the structure variants (sensitivity with consumer terms: the hidden size group's
+# producer is the embedding, for which the layer-wise Hessian has no rule).
+STRUCTURE_CRITERIA = {"l1": ("l1", {}), "taylor": ("taylor", {}),
+                      "sensitivity-consumer": ("sensitivity", {"sensitivity_terms": "consumer"}),
+                      "activation": ("activation", {})}
+# Named variants of registered criteria: method name -> (criterion, importance options, structures).
+VARIANTS = {"sensitivity-consumer": ("sensitivity", {"sensitivity_terms": "consumer"}, None),
+            **{f"{name}@{suffix}": (criterion, options, structures)
+               for suffix, structures in STRUCTURES.items()
+               for name, (criterion, options) in STRUCTURE_CRITERIA.items()}}
 # Settings that must agree for --merge to combine two runs.
 SAME_RUN = ("target", "seeds", "hidden", "layers", "heads", "kv_heads", "intermediate", "seq_len", "batch_size",
             "steps", "lr", "ft_steps", "ft_lr", "calib_batches", "eval_batches")
@@ -121,6 +135,16 @@ def settings_of(args) -> LlamaSettings:
                          steps=args.steps, lr=args.lr)
 
 
+def structure_of(method: str) -> str:
+    """The structure variant of a method name (``"taylor@hidden"`` -> ``"hidden"``; ``""``: any mix).
+
+    Example:
+        >>> structure_of("taylor@heads-mlp"), structure_of("l1")
+        ('heads-mlp', '')
+    """
+    return method.partition("@")[2]
+
+
 def whole_model_fraction(dense: dict, target: float) -> float:
     """The fraction of all parameters that keeps ``target`` of the non-embedding ones."""
     return (dense["embedding"] + target * dense["non_embedding"]) / dense["total"]
@@ -133,10 +157,15 @@ def fx_prune(model, method: str, dense: dict, target: float, example, calibratio
     fraction that keeps ``target`` of the non-embedding parameters when the embedding is not pruned;
     when the measured non-embedding fraction misses ``target`` by more than 0.01 (the hidden size,
     and with it the embedding, is pruned too), ``f`` is corrected by the miss and the plan made again."""
-    fraction = start if start is not None else whole_model_fraction(dense, target)
+    criterion, options, structures = VARIANTS.get(method, (method, {}, None))
+    if start is not None:
+        fraction = start
+    elif structures is not None and "hidden" not in structures:
+        fraction = target  # only the hidden size: every parameter, embedding included, scales with it
+    else:
+        fraction = whole_model_fraction(dense, target)
     for attempt in range(1, tries + 1):
-        criterion, options = VARIANTS.get(method, (method, {}))
-        policy = fxprune.Policy(importance=criterion, params=round(fraction, 6))
+        policy = fxprune.Policy(importance=criterion, params=round(fraction, 6), structures=structures or ())
         pruned = fxprune.transform(model, policy, (example,), calibration=calibration, loss_fn=lm_loss,
                                    importance_options=options)
         kept = param_counts(pruned)["non_embedding"] / dense["non_embedding"]
@@ -163,9 +192,10 @@ def prune(model, method, args, data, dense, tp_cache) -> tuple[torch.nn.Module, 
         if key is not None:
             tp_cache[key] = copy.deepcopy(pruned)
         return pruned, info
+    fractions = data.setdefault("fx_fraction", {})  # per structure variant: the criteria share widths
     pruned, info = fx_prune(model, method, dense, args.target, data["example"], data["calib"],
-                            start=data.get("fx_fraction"))
-    data["fx_fraction"] = info["policy_params"]
+                            start=fractions.get(structure_of(method)))
+    fractions[structure_of(method)] = info["policy_params"]
     check = fxprune.verify(pruned)
     info["verify"] = {"ok": bool(check.ok), "max_error": float(check.max_error), "exact": bool(check.exact)}
     return pruned, info
@@ -252,8 +282,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"held-out perplexity {dense_eval['ppl']:.3f} ({dense_eval['bits_per_byte']:.3f} bits/byte) on "
           f"{dense_eval['tokens']} bytes", flush=True)
     prior = merged_from(args)
-    if prior:  # start from the budget fraction the earlier run's fxprune criteria needed
-        data["fx_fraction"] = next((r["policy_params"] for r in prior["records"] if "policy_params" in r), None)
+    if prior:  # start from the budget fractions the earlier run's fxprune criteria needed
+        data["fx_fraction"] = {}
+        for r in prior["records"]:
+            if "policy_params" in r:
+                data["fx_fraction"].setdefault(structure_of(r["method"]), r["policy_params"])
     records, skipped, controls = run_all(model, args, corpus, data, dense, prior and prior["dense_finetune_control"])
     if prior:
         records = [r for r in prior["records"] if r["method"] not in args.methods] + records
