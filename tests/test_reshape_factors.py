@@ -21,6 +21,22 @@ class Unflatten(nn.Module):
         return self.conv(torch.relu(self.bn(self.fc(x).view(-1, 16, 2, 2))))
 
 
+class TPReshape(nn.Module):
+    """The model of Torch-Pruning's tests/test_reshape.py at its sizes: Linear (B, 4096) ->
+    view(-1, 256, 4, 4) -> two transposed convs -> flatten -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(512, 4096)
+        self.up1 = nn.ConvTranspose2d(256, 128, kernel_size=4, stride=2, padding=1)
+        self.up2 = nn.ConvTranspose2d(128, 64, kernel_size=4, stride=2, padding=1)
+        self.head = nn.Linear(16384, 10)
+
+    def forward(self, x):
+        x = F.relu(self.fc(x)).view(-1, self.up1.in_channels, 4, 4)
+        return self.head(torch.flatten(F.relu(self.up2(F.relu(self.up1(x)))), 1))
+
+
 class RadixSplit(nn.Module):
     """ResNeSt's split attention, radix 2: (B, radix * C, H, W) -> (B, radix, C, H, W), summed over
     radix; the attention goes through the radix softmax ``view(B, 1, radix, -1).transpose(1, 2)``."""
@@ -125,6 +141,14 @@ def test_unflatten_view_gives_each_conv_channel_its_block_of_features(capture):
     fc = next(v for k, v in plan.removed_channels().items() if k.startswith("fc") or "linear" in k)
     blocks = {i // 4 for i in fc[1]}
     assert sorted(fc[1]) == sorted(4 * b + j for b in blocks for j in range(4))  # whole blocks of 4
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_torch_pruning_reshape_model(capture):
+    pruned, plan = _transform(TPReshape(), torch.randn(1, 512, dtype=torch.float64), capture)
+    assert _pruned_groups(plan) == [(64, 32), (128, 64), (256, 128)]
+    shapes = [tuple(pruned.get_parameter(f"{m}.weight").shape) for m in ("fc", "up1", "head")]
+    assert shapes == [(2048, 512), (128, 64, 4, 4), (10, 8192)]
 
 
 @pytest.mark.parametrize("capture", CAPTURES)
