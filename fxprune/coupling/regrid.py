@@ -20,6 +20,10 @@ output position is the unit of the input channel it comes from: a grid over ``ou
   leading factors are groups of whole copies (ResNeSt's radix split ``(B, radix * C) ->
   (B, radix, C)``: each slice loses the same channels, like ``chunk`` + add).
 
+``layout_rules.reshape`` tries the narrower rules first: ``attention_rules.split_heads`` (the dims
+around the channel dim unchanged) and ``shuffle.split_channel_dim`` (two factors: the inner one
+carries the channels); this module takes every other layout.
+
 Every choice is exact: removing a unit removes whole slabs of the output grid and the same
 channels of the input, so both keep their row-major order and the pruned view maps kept
 elements to kept positions. The other factors of the block keep their traced sizes (the
@@ -113,8 +117,9 @@ def _dims_of(an: Analysis, user: fx.Node, nd: int) -> list[int] | None:
     from . import ops, rules as R, layout_rules as L
     rule = ops.rule_for(an, user)
     rule = getattr(rule, "func", rule)  # functools.partial rows
-    if rule in (R.elementwise, R.passthrough):
-        return list(range(nd))
+    if rule in (R.elementwise, R.passthrough):  # a broadcast that adds leading dims: not followed
+        out = an.shape(user)
+        return list(range(nd)) if isinstance(out, tuple) and len(out) == nd else None
     if rule is L.permute:
         dims = user.args[1:] if user.op == "call_method" else (arg(user, 1, "dims"),)
         if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
@@ -222,4 +227,4 @@ def unsplittable(in_shape: tuple, out_shape: tuple, cd: int) -> str:
         return "the shapes are not static or hold different numbers of elements"
     if in_shape[cd] < 2:
         return "the channel dim has a single channel, laid out anywhere among size-1 dims"
-    return "no run of output dims holds exactly the block of input dims around the channel dim"
+    return "the channel dim is not inside one block of dims that the reshape keeps together"
