@@ -65,6 +65,20 @@ def test_linear_over_tokens_passes_channels_exactly(capture, functional):
     assert weights["fc1.weight"].shape == (6, 8) and weights["fc2.weight"].shape == (8, 3)
 
 
+def test_addmm_over_a_batch_dim_passes_channels():
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv1d(3, 8, 1), nn.Conv1d(8, 2, 1)
+            self.w, self.bias = nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(4))
+
+        def forward(self, x):  # x: (1, 3, 5); addmm maps the 5 positions of each channel to 4
+            return self.b(torch.addmm(self.bias, self.a(x).squeeze(0), self.w).unsqueeze(0))
+
+    pruned, plan = _exact(Rows(), (torch.randn(1, 3, 5),))
+    assert len(_group(plan, "a").removed) == 4 and tuple(pruned.w.shape) == (5, 4)
+
+
 def test_layer_norm_in_the_gate_is_approximate():
     plan = fxprune.plan(Gating(norm=True), fxprune.Policy(ratio=0.5), (torch.randn(2, 5, 8),))
     g = _group(plan, "fc1")
