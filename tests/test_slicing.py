@@ -246,3 +246,16 @@ def test_timm_dpn_and_ghostnet_verify():
                                           num_classes=5, width=1.0)
     plan, pruned = _prune(ghost, (torch.randn(1, 3, 64, 64),), "fx")
     assert not _blocked(plan)
+
+
+def test_stepped_slice_beside_an_integer_index_blocks_with_the_reason():
+    class StepInt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+
+        def forward(self, x):
+            return self.a(x)[0, ::2]
+
+    plan = fxprune.plan(StepInt(), fxprune.Policy(ratio=0.5), IMAGE, capture="fx")
+    assert any("step 2 beside an integer index" in why and "'getitem'" in why for why in _blocked(plan))

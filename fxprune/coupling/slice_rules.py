@@ -82,6 +82,10 @@ def channel_entry(an: Analysis, node: fx.Node, v: ChannelInfo, entry: Any, out_d
         if not all(b is None or (isinstance(b, int) and not isinstance(b, bool)) for b in (entry.start, entry.stop)):
             return opaque(an, node, f"{describe(node)} slices the channel dim with step {step} and bounds "
                                     "computed at run time")
+        index = node.args[1] if isinstance(node.args[1], tuple) else ()
+        if any(isinstance(e, int) and not isinstance(e, bool) for e in index):
+            return opaque(an, node, f"{describe(node)} slices the channel dim with step {step} beside an integer "
+                                    "index: the kept positions need a list index, which would move the dim")
         picked = tuple(range(*slice(entry.start, entry.stop, step).indices(n)))
         an.rewrite_literal(node, "channel_index", (pos, ("pick", v.units, picked)))
         return ChannelInfo(out_dim, tuple(v.units[p] for p in picked))
@@ -98,7 +102,21 @@ def channel_entry(an: Analysis, node: fx.Node, v: ChannelInfo, entry: Any, out_d
 
 def select_channel(an: Analysis, node: fx.Node, v: ChannelInfo, index: int, pos: int | None) -> Any:
     """``x[:, i]`` reads channel ``i`` alone (the channel dim disappears): that channel is pinned,
-    the others of its group stay prunable, and the rewrite moves ``i`` to its kept position."""
+    the others of its group stay prunable, and the rewrite moves ``i`` to its kept position.
+
+    Example:
+        >>> import torch, fxprune
+        >>> class Gate(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = torch.nn.Conv2d(3, 6, 1), torch.nn.Conv2d(6, 2, 1)
+        ...     def forward(self, x):
+        ...         y = self.a(x)
+        ...         return self.b(y) * y[:, 4:5] + y[:, 3].unsqueeze(1)
+        >>> plan = fxprune.plan(Gate(), fxprune.Policy(ratio=0.5), (torch.randn(1, 3, 4, 4),))
+        >>> sorted(plan.groups[0].pinned)
+        [3]
+    """
     n = len(v.units)
     i = index + n if index < 0 else index
     if not 0 <= i < n:
@@ -112,7 +130,21 @@ def select_channel(an: Analysis, node: fx.Node, v: ChannelInfo, index: int, pos:
 
 def narrow(an: Analysis, node: fx.Node) -> Any:
     """``torch.narrow(x, dim, start, length)`` / ``x.narrow(...)``: a slice of one dim; on the
-    channel dim an offset map whose ``start`` and ``length`` the rewrite recomputes."""
+    channel dim an offset map whose ``start`` and ``length`` the rewrite recomputes.
+
+    Example:
+        >>> import torch, fxprune
+        >>> class Cut(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(4, 2, 1)
+        ...     def forward(self, x):
+        ...         return self.b(self.a(x).narrow(1, 4, 4))
+        >>> pruned = fxprune.transform(Cut(), fxprune.Policy(ratio=0.5), (torch.randn(1, 3, 4, 4),))
+        >>> (start, length), = [n.args[2:] for n in pruned.graph.nodes if n.target == "narrow"]
+        >>> length == pruned.b.in_channels and start + length == pruned.a.out_channels
+        True
+    """
     x = arg(node, 0, "input")
     v, nd = an.tensor_info(x), ndim(an, x)
     d, start, length = arg(node, 1, "dim"), arg(node, 2, "start"), arg(node, 3, "length")
