@@ -111,21 +111,29 @@ def _upsample(mode: str, align_pos: int | None) -> Adapter:
     return adapt
 
 
+def _at_dim(dim: int, entry: Any) -> tuple:
+    """An index that puts ``entry`` at ``dim`` (a negative dim counts from the end, after ``...``)."""
+    if dim < 0:
+        return (Ellipsis, entry, *[slice(None)] * (-dim - 1))
+    return (*[slice(None)] * dim, entry)
+
+
 def _slice(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     x, dim, start, end, step = (*args, *[None] * 5)[:5]
     dim = dim or 0
     stop = None if end is None or end >= 2 ** 62 else end  # "to the end" is spelled 2**63 - 1
-    return (x, (*[slice(None)] * dim, slice(start, stop, step if step not in (None, 1) else None))), {}
+    return (x, _at_dim(dim, slice(start, stop, step if step not in (None, 1) else None))), {}
 
 
 def _select(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     x, dim, index = args
-    return (x, (*[slice(None)] * dim, index)), {}
+    return (x, _at_dim(dim, index)), {}
 
 
 def _narrow(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     x, dim, start, length = args
-    return (x, (*[slice(None)] * dim, slice(start, start + length))), {}
+    stop = start + length
+    return (x, _at_dim(dim, slice(start, None if start < 0 and stop == 0 else stop))), {}
 
 
 def _index(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

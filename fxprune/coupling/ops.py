@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import index_rules
+from . import slice_rules
 from . import layout_rules as L
 from . import conv_rules as C
 from . import param_expr as PE
@@ -145,6 +146,8 @@ METHOD_RULES.update({
     "swapdims": L.transpose, "roll": T.roll, "matmul": T.matmul, "bmm": T.matmul, "unbind": T.unbind,
     **{m: T.creation for m in T.CREATION_SIZE if isinstance(m, str)},
 })
+FUNCTION_RULES[torch.narrow] = slice_rules.narrow  # an offset map on the channel dim, like a slice
+METHOD_RULES["narrow"] = slice_rules.narrow
 MODULE_RULES[nn.MultiheadAttention] = A.multihead_attention
 try:  # torchvision's Swin functions are kept whole by torch.fx.wrap
     from torchvision.models import swin_transformer as _swin
