@@ -159,6 +159,17 @@ def test_channels_a_standardised_conv_consumes_are_approximate(capture):
     assert {n: tuple(t.shape) for n, t in pruned.named_parameters()}["b.weight"] == (4, 2, 3, 3)
 
 
+def test_weight_norm_through_export_slices_its_rows():
+    from torch.nn.utils.parametrizations import weight_norm
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), weight_norm(nn.Conv2d(8, 6, 3)), nn.ReLU(),
+                          nn.Conv2d(6, 2, 1))
+    _, plan = _exact(model, (torch.randn(1, 3, 6, 6),), "export")
+    g = _group(plan, "2.parametrizations.weight.original1")
+    assert g.exact and len(g.removed) == 3 and "2.parametrizations.weight.original0" in {p.target for p in g.params}
+    consumed = _group(plan, "0")  # the norm runs over these columns
+    assert not consumed.exact and not consumed.removed and "by its norm" in " ".join(consumed.inexact.values())
+
+
 def test_a_weight_chain_read_elsewhere_blocks_the_conv_precisely():
     class Leaky(tl.StdConv2d):
         def forward(self, x):

@@ -179,6 +179,16 @@ def _batch_norm(an: Analysis, node: fx.Node, ex: Callable) -> ParamExpr | None:
     return _merge(out, 1, parts, mixes=why if mixed else None)
 
 
+def _weight_norm(an: Analysis, node: fx.Node, ex: Callable) -> ParamExpr | None:
+    """``torch._weight_norm(v, g, dim=0)`` (weight-norm parametrization, as torch.export shows it):
+    ``g * v / ||v||`` with the norm over each row: rows apart, entries of a row mixed."""
+    v, g = ex(node.args[0]), ex(node.args[1])
+    if R.arg(node, 2, "dim", 0) != 0 or v.row_dim != 0 or g.row_dim not in (None, 0):
+        return None
+    why = f"{R.describe(node)} divides each weight row by its norm over the input channels"
+    return _merge(an.shape(node), 0, [v, g], mixes=why if any(s > 1 for s in v.shape[1:]) else None)
+
+
 _ELEMENTWISE = [operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub,
                 torch.mul, torch.div, torch.neg, torch.sqrt, torch.rsqrt, torch.abs, torch.exp, torch.square]
 CHAIN_OPS: dict[Any, Callable] = {
@@ -188,6 +198,7 @@ CHAIN_OPS: dict[Any, Callable] = {
     **{m: _reshape for m in ("reshape", "view", "reshape_as", "view_as")}, torch.reshape: _reshape,
     **{f: _reduction for f in (torch.mean, torch.var, torch.std, torch.sum, "mean", "var", "std", "sum")},
     F.batch_norm: _batch_norm,
+    torch._weight_norm: _weight_norm, torch.ops.aten._weight_norm.default: _weight_norm,
 }
 
 WEIGHT_CONSUMERS = {F.conv1d: 3, F.conv2d: 4, F.conv3d: 5}  # value: the weight's rank
