@@ -159,6 +159,22 @@ def test_channels_a_standardised_conv_consumes_are_approximate(capture):
     assert {n: tuple(t.shape) for n, t in pruned.named_parameters()}["b.weight"] == (4, 2, 3, 3)
 
 
+class WSConv(nn.Conv2d):
+    """Weight standardisation written with mean/std over each row (no reshape)."""
+
+    def forward(self, x):
+        w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        w = w / torch.sqrt(w.var(dim=[1, 2, 3], keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, padding=1)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_weight_standardised_by_reductions(capture):
+    model = nn.Sequential(WSConv(3, 8, 3), nn.ReLU(), WSConv(8, 6, 3), nn.ReLU(), nn.Conv2d(6, 2, 1))
+    _, plan = _exact(model, (torch.randn(1, 3, 6, 6),), capture)
+    assert len(_group(plan, "2.weight").removed) == 3 and not _group(plan, "0.weight").exact
+
+
 def test_weight_norm_through_export_slices_its_rows():
     from torch.nn.utils.parametrizations import weight_norm
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), weight_norm(nn.Conv2d(8, 6, 3)), nn.ReLU(),

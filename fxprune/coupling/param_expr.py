@@ -199,6 +199,8 @@ CHAIN_OPS: dict[Any, Callable] = {
     **{f: _reduction for f in (torch.mean, torch.var, torch.std, torch.sum, "mean", "var", "std", "sum")},
     F.batch_norm: _batch_norm,
     torch._weight_norm: _weight_norm, torch.ops.aten._weight_norm.default: _weight_norm,
+    **{getattr(getattr(torch.ops.aten, op), o): _reduction  # ATen reductions the export front end leaves
+       for op, o in (("var", "dim"), ("var", "correction"), ("std", "dim"), ("std", "correction"))},
 }
 
 WEIGHT_CONSUMERS = {F.conv1d: 3, F.conv2d: 4, F.conv3d: 5}  # value: the weight's rank
