@@ -249,3 +249,9 @@ METHOD_RULES.update({
     "view": RR.param_view, "reshape": RR.param_view,
 })
 MODULE_RULES[nn.Unfold] = RR.im2col
+
+
+from . import lookup as _lookup  # noqa: E402  (rules read the table through it: see lookup.py)
+
+_lookup.install(rule_for=rule_for, FUNCTION_RULES=FUNCTION_RULES, MODULE_RULES=MODULE_RULES,
+                layout={"permute": L.permute, "transpose": L.transpose})

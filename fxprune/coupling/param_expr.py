@@ -315,8 +315,6 @@ def declare(an: Analysis, node: fx.Node, e: ParamExpr, weight: str, out_units: t
     the per-row sources are passengers of the output channels, the literal row counts follow
     them, and ``in_units`` (the input channels whose columns it slices, if any) are inexact when
     the chain mixes the entries of a row."""
-    from ..rewrite import literals
-    literals.REWRITERS.setdefault("shape_entry", shape_entry)
     why = f"{R.describe(node)}: weight computed from {weight}"
     for target, dim in e.sources:
         if target != weight:

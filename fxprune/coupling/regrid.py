@@ -114,18 +114,18 @@ def _natural(roots: torch.Tensor, axes: list[int]) -> list[int]:
 def _dims_of(an: Analysis, user: fx.Node, nd: int) -> list[int] | None:
     """How ``user`` moves the dims of its first input: the input dim behind each output dim, for
     ops that keep every element where it is or move whole dims (None: any other op)."""
-    from . import ops, rules as R, layout_rules as L
-    rule = ops.rule_for(an, user)
+    from . import lookup, rules as R
+    rule = lookup.rule_for(an, user)
     rule = getattr(rule, "func", rule)  # functools.partial rows
     if rule in (R.elementwise, R.passthrough):  # a broadcast that adds leading dims: not followed
         out = an.shape(user)
         return list(range(nd)) if isinstance(out, tuple) and len(out) == nd else None
-    if rule is L.permute:
+    if rule is lookup.layout_rule("permute"):
         dims = user.args[1:] if user.op == "call_method" else (arg(user, 1, "dims"),)
         if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
             dims = dims[0]
         return [norm_dim(d, nd) for d in dims] if all(isinstance(d, int) for d in dims) else None
-    if rule is L.transpose:
+    if rule is lookup.layout_rule("transpose"):
         d0, d1 = arg(user, 1, "dim0"), arg(user, 2, "dim1")
         if not isinstance(d0, int) or not isinstance(d1, int):
             return None

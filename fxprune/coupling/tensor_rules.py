@@ -351,18 +351,18 @@ def set_creation_size(node: fx.Node, dim: int, value: int) -> None:
 
 
 def _is_elementwise(an: Analysis, node: fx.Node) -> bool:
-    from .ops import rule_for  # the op table imports this module
+    from . import lookup
     from .rules import elementwise
-    return node.op in ("call_function", "call_method") and rule_for(an, node) is elementwise
+    return node.op in ("call_function", "call_method") and lookup.rule_for(an, node) is elementwise
 
 
 def _met_channels(an: Analysis, cur: fx.Node, user: fx.Node) -> list[tuple[ChannelInfo, int]]:
     """(tracked channels, ndim of the shape they are aligned in) that ``cur`` meets at ``user``:
     the other operands of an elementwise op; a query's batch dims (heads) for the attention
     mask of ``scaled_dot_product_attention``, which broadcasts against the scores."""
-    from .ops import FUNCTION_RULES
+    from . import lookup
     out = []
-    if FUNCTION_RULES.get(user.target) is scaled_dot_product_attention and arg(user, 3, "attn_mask") is cur:
+    if lookup.function_rule(user.target) is scaled_dot_product_attention and arg(user, 3, "attn_mask") is cur:
         q = arg(user, 0, "query")
         v, nd = an.tensor_info(q), ndim(an, q)
         if v is not None and nd is not None and v.dim < nd - 2:

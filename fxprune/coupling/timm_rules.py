@@ -61,7 +61,8 @@ def module_rule(module: nn.Module) -> Callable | None:
 
 def _per_channel(an: Analysis, node: fx.Node, m: nn.Module, names: tuple = ("drop", "act")) -> str | None:
     """None when every submodule in ``names`` is per-channel (a passthrough row), else why not."""
-    from .ops import MODULE_RULES
+    from .lookup import module_rules
+    MODULE_RULES = module_rules()
     for name in names:
         sub = getattr(m, name, None)
         if sub is None:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch.fx as fx
 
 from ..coupling.rules import arg
+from ..coupling.param_expr import shape_entry
 from ..coupling.tensor_rules import set_creation_size
 from ..shapes import shape
 from .window_attention import inline as inline_window_attention
@@ -177,6 +178,7 @@ REWRITERS: dict[str, Callable[[fx.Node, Any, Callable], None]] = {
     "narrow": narrow,
     "creation_size": creation_size,
     "window_attention": inline_window_attention,
+    "shape_entry": shape_entry,  # a computed weight's literal row count (coupling/param_expr.py)
 }
 
 
