@@ -60,7 +60,7 @@ from benchmarks.reproduce.llm_data import (FORTUNES_DIR, consecutive_windows, fo
                                            random_windows, split_xy)
 from benchmarks.reproduce.llm_model import (LlamaSettings, calibration_pairs, dense_model, lm_loss,  # noqa: E402
                                             param_counts, perplexity, train, widths)
-from benchmarks.reproduce.llm_tp import choose_ratio, tp_prune  # noqa: E402
+from benchmarks.reproduce.llm_tp import TP_FINDINGS, choose_ratio, predicted_non_embedding, tp_prune  # noqa: E402
 from benchmarks.reproduce.train_baselines import CACHE_DIR  # noqa: E402
 
 FXPRUNE_METHODS = ("l1", "taylor", "sensitivity", "activation")
@@ -83,9 +83,15 @@ VARIANTS = {"sensitivity-consumer": ("sensitivity", {"sensitivity_terms": "consu
 # Settings that must agree for --merge to combine two runs.
 SAME_RUN = ("target", "seeds", "hidden", "layers", "heads", "kv_heads", "intermediate", "seq_len", "batch_size",
             "steps", "lr", "ft_steps", "ft_lr", "calib_batches", "eval_batches")
-# Torch-Pruning: name -> (importance, attention heads pruned as the recipe does).
-TP_METHODS = {"tp-magnitude": ("magnitude", True), "tp-taylor": ("taylor", True),
-              "tp-magnitude-noattn": ("magnitude", False), "tp-taylor-noattn": ("taylor", False)}
+# Torch-Pruning: name -> (importance, attention heads pruned as the recipe does, structure, RoPE shim);
+# structures and the shim: llm_tp.py. "-noshim" is the recipe on the unmodified model (it does not
+# finish: recorded as skipped with the cause).
+TP_METHODS = {"tp-magnitude": ("magnitude", True, "recipe", True), "tp-taylor": ("taylor", True, "recipe", True),
+              "tp-magnitude-noattn": ("magnitude", False, "recipe", True),
+              "tp-taylor-noattn": ("taylor", False, "recipe", True),
+              **{f"tp-{imp}@{structure}": (imp, True, structure, True)
+                 for structure in ("heads-mlp", "hidden") for imp in ("magnitude", "taylor")},
+              "tp-magnitude-noshim": ("magnitude", True, "recipe", False)}
 STAGES = ("pruned", "recalibrated", "finetuned")
 
 
@@ -113,7 +119,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--data-root", type=Path, default=FORTUNES_DIR)
     ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="dense checkpoint cache ('' : none)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "llm_perplexity.json")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default 2; 1 with --fast). On a loaded machine 1 is far faster: "
+                         "4 training steps took 2.0 s with 1 thread and 23.8 s with 2 on 2 cores shared by 8 jobs")
     ap.add_argument("--merge", type=Path, default=None,
                     help="an earlier JSON of this script with the same settings: keep its records of the methods "
                          "not given here and its dense fine-tune controls, run only --methods")
@@ -124,6 +132,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.hidden, args.layers, args.intermediate, args.seq_len, args.batch_size = 32, 2, 64, 32, 4
         args.steps, args.ft_steps, args.calib_batches, args.eval_batches, args.seeds = 20, 5, 2, 4, 1
         args.cache_dir = None
+    if args.threads is None:
+        args.threads = 1 if args.fast else 2
     if args.cache_dir is not None and str(args.cache_dir) == "":
         args.cache_dir = None
     return args
@@ -179,16 +189,21 @@ def prune(model, method, args, data, dense, tp_cache) -> tuple[torch.nn.Module, 
     if method in TP_METHODS:
         s = settings_of(args)
         head = {"snap": "snap", "width": None}.get(args.tp_head_ratio, args.tp_head_ratio)
-        importance, attention = TP_METHODS[method]
+        importance, attention, structure, shim = TP_METHODS[method]
         if not attention:
             head = 0.0
-        ratio, head_ratio = choose_ratio(s, args.target, head if head in ("snap", None) else float(head))
-        info = {"tp_ratio": round(ratio, 4), "tp_head_ratio": head_ratio, "tp_attention_pruned": attention}
+        ratio, head_ratio = choose_ratio(s, args.target, head if head in ("snap", None) else float(head),
+                                         structure=structure)
+        info = {"tp_ratio": round(ratio, 4), "tp_head_ratio": head_ratio, "tp_attention_pruned": attention,
+                "tp_structure": structure, "tp_rope_shim": shim,
+                "tp_predicted_non_embedding_kept": predicted_non_embedding(s, ratio, head_ratio, structure)
+                / predicted_non_embedding(s, 0.0, 0.0)}
         key = method if importance == "magnitude" else None  # data-free: the same model every seed
         if key is not None and key in tp_cache:
             return copy.deepcopy(tp_cache[key]), info
         pruned = tp_prune(model, data["example"][:1, :16], ratio, head_ratio, importance=importance,
-                          calibration=data["calib"], attention=attention, timeout=args.tp_timeout)
+                          calibration=data["calib"], attention=attention, structure=structure, rope_shim=shim,
+                          timeout=args.tp_timeout)
         if key is not None:
             tp_cache[key] = copy.deepcopy(pruned)
         return pruned, info
@@ -331,6 +346,7 @@ def describe(args, s, corpus, dense: dict, dense_eval: dict, source: dict) -> di
             "bytes": {"train": len(corpus.train), "held_out": len(corpus.held_out), "evaluated": dense_eval["tokens"]},
             "dense": {"params": dense, "ppl": dense_eval["ppl"], "bits_per_byte": dense_eval["bits_per_byte"],
                       **source},
+            "torch_pruning_findings": TP_FINDINGS,
             "recalibration": "not applicable: fxprune.recalibrate re-estimates BatchNorm statistics; this "
                              "Llama has RMSNorm (no running statistics) and no biases",
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
