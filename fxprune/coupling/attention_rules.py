@@ -6,17 +6,17 @@ of the q/k/v projections and the columns of the output projection) and the embed
 writes. How they may shrink:
 
 - **Separate heads** (``nn.MultiheadAttention`` called without masks, bias_kv, zero_attn,
-  attention dropout or used weights; views ``(..., C) -> (..., heads, C // heads)`` that feed
-  an einsum/matmul): one unit per head, so whole heads go independently of the embeddings
-  (with ``multihead_attention_dims``: one unit per head dim, the same dims go in every head).
-  The module call is rewritten into its functional form when a width changes
-  (``fxprune.rewrite.attention``); a view keeps ``head_dim`` as a literal.
-- **Coupled heads** (other ``nn.MultiheadAttention`` calls, torchvision's
-  ``shifted_window_attention``): these derive the head width from the input width
-  (``embed_dim == query.shape[-1]``, ``head_dim = C // num_heads``), so heads can only go with
-  the embedding channels they read: the embedding units are coarsened into whole heads
-  (``"heads"``, default) or, for ``nn.MultiheadAttention`` with ``multihead_attention_dims``,
-  into the same per-head dim of every head (``"dims"``).
+  attention dropout or used weights; torchvision's ``shifted_window_attention``; views
+  ``(..., C) -> (..., heads, C // heads)`` that feed an einsum/matmul): one unit per head, so
+  whole heads go independently of the embeddings (with ``multihead_attention_dims``: one unit
+  per head dim, the same dims go in every head). The module call is rewritten into its
+  functional form when a width changes (``fxprune.rewrite.attention``), the Swin call into its
+  plain ops (``fxprune.rewrite.window_attention``); a view keeps ``head_dim`` as a literal.
+- **Coupled heads** (other ``nn.MultiheadAttention`` calls): the module derives the head width
+  from the input width (``embed_dim == query.shape[-1]``), so heads can only go with the
+  embedding channels they read: the embedding units are coarsened into whole heads
+  (``"heads"``, default) or, with ``multihead_attention_dims``, into the same per-head dim of
+  every head (``"dims"``).
 
 Exactness against the mask oracle. No node output shows the q/k/v channels of a leaf call,
 so its projection rows are *mask sites* (``Analysis.mask_at``): the oracle zeroes the removed
