@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-from .capture import CaptureInfo, capture as capture_graph, export_fallback, first_line
+from .capture import CaptureInfo, capture as capture_graph, export_fallback, first_line, timm_leaf_retry
 from .coupling.build import analyse
 from .coupling.groups import build_groups
 from .errors import FxPruneError, StageError
@@ -51,7 +51,8 @@ def stage(name: str, timings: dict):
 def _captured_with_shapes(model: torch.nn.Module, inputs: tuple, timings: dict, how: str,
                           leaf_modules: Iterable, concrete_args: dict | None):
     """Capture and propagate shapes; with ``auto``, an FX graph the shape pass cannot run (a
-    branch baked wrongly at trace time) is captured again with torch.export."""
+    branch baked wrongly at trace time) is traced again with timm's leaf layers kept whole (where
+    the model has some not kept yet, ``timm_leaf_retry``), else captured again with torch.export."""
     with stage("trace", timings):
         gm, info = capture_graph(model, inputs, how, leaf_modules, concrete_args)
     try:
@@ -61,11 +62,17 @@ def _captured_with_shapes(model: torch.nn.Module, inputs: tuple, timings: dict, 
     except FxPruneError as shape_err:
         if info.frontend != "fx" or how != "auto":
             raise
-        first = first_line(shape_err)
+        why = StageError("shapes", None, f"the FX graph did not run: {first_line(shape_err)}")
+        if not info.timm_leaves:
+            with stage("trace", timings):
+                retried = timm_leaf_retry(model, leaf_modules, concrete_args, why)
+            if retried is not None:
+                with contextlib.suppress(FxPruneError), stage("shapes", timings):
+                    propagate(retried[0], inputs)
+                    return retried
         try:
             with stage("trace", timings):
-                gm, info = export_fallback(model, inputs, concrete_args,
-                                           StageError("shapes", None, f"the FX graph did not run: {first}"))
+                gm, info = export_fallback(model, inputs, concrete_args, why)
             with stage("shapes", timings):
                 propagate(gm, inputs)
         except FxPruneError:

@@ -5,6 +5,9 @@
 - ``"export"``: ``torch.export.export(strict=False)`` (``export``), its ATen graph lifted back to
   modules and Python-level twins, so both front ends hand the pipeline the same graph form.
 - ``"auto"`` (the default): FX first, export when FX fails; the ``CaptureInfo`` says which and why.
+  Where FX failed inside a timm layer that fxprune has a rule for and timm registers as not
+  traceable (``Conv2dSame``'s "same" padding computes shapes in Python), FX is tried once more
+  with those layers kept whole (``timm_leaf_retry``) before export, which costs ten times more.
 
 Captures are serialised under one process-wide lock: ``symbolic_trace`` patches
 ``torch.nn.Module.__call__`` and ``__getattr__`` for the whole process while it runs, so two
@@ -39,28 +42,35 @@ class CaptureInfo:
     """Which front end captured the model and why.
 
     ``frontend`` is ``"fx"`` or ``"export"``; ``requested`` the ``capture=`` argument; ``fx_error``
-    the first line of FX's failure when ``auto`` fell back to export.
+    the first line of FX's first failure when ``auto`` tried again (with ``timm_leaves`` kept
+    whole, ``frontend`` then ``"fx"``) or fell back to export.
 
     Example:
         >>> CaptureInfo("export", "auto", "TraceError: ...").reason
         'torch.fx failed (TraceError: ...); captured with torch.export'
+        >>> CaptureInfo("fx", "auto", "TraceError: ...", ("Conv2dSame",)).reason
+        "torch.fx with timm's leaf layers (Conv2dSame) kept whole: tracing through them failed (TraceError: ...)"
     """
 
     frontend: str
     requested: str = "auto"
     fx_error: str | None = None
+    timm_leaves: tuple = ()
 
     @property
     def reason(self) -> str:
         if self.requested != "auto":
             return f"capture={self.requested!r} was asked for"
+        if self.timm_leaves and self.frontend == "fx":
+            return (f"torch.fx with timm's leaf layers ({', '.join(self.timm_leaves)}) kept whole: "
+                    f"tracing through them failed ({self.fx_error})")
         if self.fx_error:
             return f"torch.fx failed ({self.fx_error}); captured with torch.export"
         return "torch.fx traced the model (the fast path)"
 
     def to_dict(self) -> dict:
         return {"frontend": self.frontend, "requested": self.requested, "fx_error": self.fx_error,
-                "reason": self.reason}
+                "timm_leaves": list(self.timm_leaves), "reason": self.reason}
 
 
 def check_mode(how: Any) -> str:
@@ -137,7 +147,55 @@ def capture(model: torch.nn.Module, inputs: tuple, how: str = "auto", leaf_modul
         except TraceError as fx_err:
             if how == "fx":
                 raise
+            retried = timm_leaf_retry(model, leaf_modules, concrete_args, fx_err,
+                                      getattr(fx_err, "failed_inside", ()))
+            if retried is not None:
+                return retried
             return export_fallback(model, inputs, concrete_args, fx_err)
+
+
+def timm_leaf_retry(model: torch.nn.Module, leaf_modules: Iterable, concrete_args: dict | None,
+                    fx_err: BaseException, failed_inside: Iterable[type] | None = None
+                    ) -> tuple[fx.GraphModule, CaptureInfo] | None:
+    """FX again with the timm layers FX failed inside kept whole as leaves, where fxprune has a
+    coupling rule for them and timm registers them as not traceable (``timm_rules.leaf_types``);
+    a retry that fails inside another such layer adds it and tries again. ``failed_inside``: the
+    module types the first failure happened in (``TraceError.failed_inside``); None (the failure's
+    place is unknown): every such layer of the model at once. None where no such layer is on the
+    failure's path or the last retry fails outside them. timm is imported only for a model that
+    holds a timm module.
+
+    Example:
+        >>> import torch, timm.layers as tl
+        >>> m = torch.nn.Sequential(tl.Conv2dSame(3, 8, 3, stride=2), torch.nn.ReLU())
+        >>> gm, info = timm_leaf_retry(m, (), None, TraceError("control flow"))
+        >>> info.frontend, info.timm_leaves, type(gm.get_submodule("0")).__name__
+        ('fx', ('Conv2dSame',), 'Conv2dSame')
+    """
+    from ..coupling.timm_rules import is_timm_type, leaf_types
+    inside = None if failed_inside is None else tuple(failed_inside)
+    if inside is not None and not any(is_timm_type(t) for t in inside):
+        return None  # no timm layer on the failure's path: no leaf of ours would help
+    leaf_modules = tuple(leaf_modules)
+    given = tuple(t for t in leaf_modules if isinstance(t, type))
+    candidates = tuple(t for t in leaf_types(model) if not (given and issubclass(t, given)))
+    chosen: set = set()
+    with _CAPTURE_LOCK:
+        while True:
+            new = {t for t in candidates if t not in chosen
+                   and (inside is None or any(issubclass(f, t) for f in inside))}
+            if not new:
+                return None
+            chosen |= new
+            leaves = tuple(t for t in candidates if t in chosen)  # in the model's order
+            try:
+                gm = trace(model, leaf_modules + leaves, concrete_args)
+            except TraceError as err:
+                if inside is None:
+                    return None
+                inside = getattr(err, "failed_inside", ())
+                continue
+            return gm, CaptureInfo("fx", "auto", first_line(fx_err), tuple(t.__name__ for t in leaves))
 
 
 def export_fallback(model: torch.nn.Module, inputs: tuple, concrete_args: dict | None,
@@ -159,4 +217,5 @@ def export_fallback(model: torch.nn.Module, inputs: tuple, concrete_args: dict |
     return gm, CaptureInfo("export", "auto", first_line(fx_err))
 
 
-__all__ = ["CAPTURE_MODES", "CaptureInfo", "both_failed", "capture", "check_mode", "export_fallback", "first_line"]
+__all__ = ["CAPTURE_MODES", "CaptureInfo", "both_failed", "capture", "check_mode", "export_fallback", "first_line",
+           "timm_leaf_retry"]

@@ -40,6 +40,7 @@ class LeafTracer(fx.Tracer):
         self._owner = threading.get_ident()
         self.__dict__.pop("_parameter_names", None)  # tables of the previous root, if any
         self.__dict__.pop("_buffer_names", None)
+        self.__dict__.pop("_failure", None)
         return super().trace(root, concrete_args)
 
     def _other_thread(self) -> bool:
@@ -48,7 +49,36 @@ class LeafTracer(fx.Tracer):
     def call_module(self, m, forward, args, kwargs):
         if self._other_thread():
             return forward(*args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as err:
+            self._note_failure(err, m)
+            raise
+
+    def _note_failure(self, err: BaseException, m: torch.nn.Module) -> None:
+        """Record the types of the modules an error leaves, innermost first (``failed_inside``)."""
+        failure = self.__dict__.get("_failure")
+        if failure is None or failure[0] is not err:  # a new error (an earlier one was caught)
+            failure = self.__dict__["_failure"] = (err, [])
+        failure[1].append(type(m))
+
+    def failed_inside(self, err: BaseException) -> tuple:
+        """The module types ``err`` was raised inside while tracing, innermost first; () when it
+        was raised outside every module call (or by another trace).
+
+        Example:
+            >>> class Bad(torch.nn.Module):
+            ...     def forward(self, x):
+            ...         return x if x.sum() > 0 else -x
+            >>> tracer = LeafTracer()
+            >>> try:
+            ...     tracer.trace(torch.nn.Sequential(Bad()))
+            ... except Exception as err:
+            ...     [t.__name__ for t in tracer.failed_inside(err)]
+            ['Bad']
+        """
+        failure = self.__dict__.get("_failure")
+        return tuple(failure[1]) if failure is not None and failure[0] is err else ()
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         """torch.fx's own lookup scans every named parameter of the root per attribute read
@@ -146,7 +176,8 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable = (), concrete_args: di
     ``apply`` gives the pruned module tensors of its own. Copying 100 MB of weights only to read
     them would be the slowest step of a prune.
 
-    Raises ``TraceError`` naming the module class and the offending line, with advice.
+    Raises ``TraceError`` naming the module class and the offending line, with advice; its
+    ``failed_inside`` holds the types of the modules the failure happened in, innermost first.
 
     Example:
         >>> gm = trace(torch.nn.Linear(4, 2))
@@ -164,13 +195,14 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable = (), concrete_args: di
             graph = tracer.trace(private, concrete_args=concrete_args)
         except Exception as err:  # torch.fx raises many exception types
             where = _offending_frame(err)
-            raise TraceError(
+            failure = TraceError(
                 f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {err}"
                 + (f"\n  at {where}" if where else "")
                 + "\n  fix: pass leaf_modules=[TheSubmoduleType or 'its.name'] to keep the module that has "
                   "data-dependent control flow as an opaque leaf (its channels will be blocked), or "
-                  "concrete_args={'arg': value} to fix the argument the control flow depends on."
-            ) from err
+                  "concrete_args={'arg': value} to fix the argument the control flow depends on.")
+            failure.failed_inside = tracer.failed_inside(err)
+            raise failure from err
         _bake_concrete_args(graph, concrete_args or {}, private)
         name = type(model).__name__
         gm = _TracedModule(tracer.root, graph, name)

@@ -47,7 +47,18 @@ from .state import Analysis, ChannelInfo
 
 def is_timm(module: nn.Module) -> bool:
     """True when the module's class or a base class is defined in timm."""
-    return any(getattr(c, "__module__", "").startswith("timm.") for c in type(module).__mro__)
+    return is_timm_type(type(module))
+
+
+def is_timm_type(cls: type) -> bool:
+    """True when ``cls`` or a base class is defined in timm (read off ``__module__``: timm is not
+    imported).
+
+    Example:
+        >>> is_timm_type(nn.Conv2d)
+        False
+    """
+    return any(getattr(c, "__module__", "").startswith("timm.") for c in cls.__mro__)
 
 
 def module_rule(module: nn.Module) -> Callable | None:
@@ -57,6 +68,45 @@ def module_rule(module: nn.Module) -> Callable | None:
         if cls in table and type(module).forward is cls.forward:
             return table[cls]
     return None
+
+
+def leaf_types(model: nn.Module) -> tuple[type, ...]:
+    """The types of ``model``'s timm modules that FX may keep whole: those with a row here (with
+    that forward) that timm itself registers as not traceable (``timm.layers._fx``'s notrace
+    modules: ``Conv2dSame``, ``BatchNormAct2d``, ``AvgPool2dSame``, ...), in the model's order.
+
+    A leaf without a row would block its channels, so no other type is listed. timm is imported
+    only when the model holds a timm module; () otherwise, or where timm has no such registry.
+
+    Example:
+        >>> import torch, timm.layers as tl
+        >>> m = torch.nn.Sequential(tl.Conv2dSame(3, 8, 3), tl.BatchNormAct2d(8), tl.EcaModule(8))
+        >>> [t.__name__ for t in leaf_types(m)]
+        ['Conv2dSame', 'BatchNormAct2d']
+        >>> leaf_types(torch.nn.Conv2d(3, 8, 3))
+        ()
+    """
+    found = {type(m): m for m in model.modules() if is_timm(m)}
+    if not found:
+        return ()
+    notrace = _notrace_modules()
+    table = _table()
+    leaves = []
+    for cls, m in found.items():
+        row = next((c for c in cls.__mro__ if c in table and cls.forward is c.forward), None)
+        if row is not None and row in notrace:
+            leaves.append(cls)
+    return tuple(leaves)
+
+
+def _notrace_modules() -> frozenset:
+    """The module types timm registers as leaves for FX (empty where this timm has no registry)."""
+    try:
+        from timm.layers import _fx
+    except ImportError:
+        return frozenset()
+    get = getattr(_fx, "get_notrace_modules", None)
+    return frozenset(get() if get is not None else getattr(_fx, "_leaf_modules", ()))
 
 
 def _per_channel(an: Analysis, node: fx.Node, m: nn.Module, names: tuple = ("drop", "act")) -> str | None:
