@@ -194,7 +194,7 @@ def _head_splits(an, group_of_unit: Callable[[int], int | None]) -> tuple[set, s
             source = an.tensor_info(node.args[0]) if node is not None and node.args else None
             if not reps or source is None or len(reps) >= len(source.units):
                 continue  # a reshuffle of the channels (channel shuffle), not a head split
-        elif kind == "attention":
+        elif kind in ("attention", "window_attention"):  # rewrite/window_attention.py: same payload
             reps = payload[0][0]
         else:
             continue
