@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 from typing import Any
 
 import torch
@@ -39,7 +40,10 @@ class MaskedInterpreter(fx.Interpreter):
         result = super().run_node(n)
         if n.name in self.zero and isinstance(result, torch.Tensor):
             dim, idx = self.zero[n.name]
-            result = result.index_fill(dim, idx.to(result.device), 0)
+            if result._base is not None and _written_in_place(n):  # keep the view a view of its base
+                result.index_fill_(dim, idx.to(result.device), 0)
+            else:
+                result = result.index_fill(dim, idx.to(result.device), 0)
         return result
 
     def _narrowed(self, node: fx.Node) -> Any:
@@ -51,6 +55,22 @@ class MaskedInterpreter(fx.Interpreter):
         keep = torch.ones(value.shape[dim], dtype=torch.bool)
         keep[idx] = False
         return value.index_select(dim, keep.nonzero().squeeze(1).to(value.device))
+
+
+_IN_PLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _written_in_place(node: fx.Node) -> bool:
+    """Whether a user of ``node`` writes into it in place (``copy_``, ``add_``, ``x[i] = v``): a
+    view zeroed out of place would take that write away from the tensor it views."""
+    for user in node.users:
+        if not user.args or user.args[0] is not node:
+            continue
+        name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+        if user.target in _IN_PLACE_FUNCTIONS or user.kwargs.get("inplace") \
+                or (name.endswith("_") and not name.endswith("__")):
+            return True
+    return False
 
 
 def _leaves(value: Any) -> list[torch.Tensor]:

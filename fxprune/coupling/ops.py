@@ -255,3 +255,18 @@ from . import lookup as _lookup  # noqa: E402  (rules read the table through it:
 
 _lookup.install(rule_for=rule_for, FUNCTION_RULES=FUNCTION_RULES, MODULE_RULES=MODULE_RULES,
                 layout={"permute": L.permute, "transpose": L.transpose})
+
+
+# -- writes into slices, constant channel padding, list indices, parameter tables ----------
+from . import table_rules as TB  # noqa: E402
+
+FUNCTION_RULES.update({
+    F.pad: P(slice_rules.pad, fallback=T.pad),  # constant padding of the channel dim: an offset map
+    torch.slice_scatter: slice_rules.slice_scatter,
+    torch.ops.aten.slice_scatter.default: slice_rules.slice_scatter,  # export without a twin
+    operator.getitem: TB.getitem,  # list indices and table[:, index] first, then index_rules.getitem
+    F.interpolate: TB.resize, F.upsample: TB.resize,  # a resized parameter is a per-channel table
+    torch.ops.aten._upsample_bilinear2d_aa.default: TB.resize,  # antialias=True through export
+    torch.ops.aten._upsample_bicubic2d_aa.default: TB.resize,
+})
+METHOD_RULES["copy_"] = slice_rules.copy_into  # x[:, :c] = y through export: copy_ into the slice

@@ -166,6 +166,13 @@ def creation_size(node: fx.Node, payload: tuple, kept: Callable) -> None:
         set_creation_size(node, dim, kept(units))
 
 
+def scatter_bounds(node: fx.Node, payload: tuple, kept: Callable) -> None:
+    """``slice_scatter(x, src, dim, start, end)`` on the channel dim: the kept start and end."""
+    head, upto, to_end = payload
+    _set_arg(node, 3, "start", kept(head))
+    _set_arg(node, 4, "end", None if to_end else kept(upto))
+
+
 REWRITERS: dict[str, Callable[[fx.Node, Any, Callable], None]] = {
     "attention": decompose_attention,
     "repeat_kv": repeat_kv,
@@ -179,6 +186,7 @@ REWRITERS: dict[str, Callable[[fx.Node, Any, Callable], None]] = {
     "creation_size": creation_size,
     "window_attention": inline_window_attention,
     "shape_entry": shape_entry,  # a computed weight's literal row count (coupling/param_expr.py)
+    "scatter_bounds": scatter_bounds,  # slice_scatter on the channel dim (coupling/slice_rules.py)
 }
 
 

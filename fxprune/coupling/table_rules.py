@@ -1,0 +1,107 @@
+"""Parameter tables used as data: a position embedding resized by ``F.interpolate``, a bias
+table gathered with ``table[:, index]``, and indexing that reaches ``slice_rules.list_index``.
+
+A parameter whose dims are all its own (no batch) is a *table*; where an op keeps one of its
+dims whole, that dim becomes a passenger of the channels it is later added to (the elementwise
+rule couples it), as ``reduce_rules.param_view`` does for a per-channel vector.
+
+Example:
+    >>> import operator
+    >>> from fxprune.coupling.ops import FUNCTION_RULES
+    >>> FUNCTION_RULES[operator.getitem] is getitem
+    True
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+
+from . import index_rules, slice_rules
+from .rules import describe, opaque, passthrough
+from .state import Analysis, ChannelInfo, ParamRef
+from .tensor_rules import param_channels
+from ..shapes import is_tensor_shape
+
+
+def resize(an: Analysis, node: fx.Node) -> Any:
+    """``F.interpolate`` / ATen ``upsample_*``: resizes the dims after the first two, so the
+    channels (dim 1) pass through; the channel dim among the resized ones blocks. A parameter
+    resized this way (Hiera's ``F.interpolate(self.pos_embed, size=...)``, shape ``(1, C, h,
+    w)``) is a per-channel table on dim 1: a passenger of what it is added to.
+
+    Example:
+        >>> import torch, fxprune
+        >>> class Pos(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = torch.nn.Conv2d(3, 6, 1), torch.nn.Conv2d(6, 2, 1)
+        ...         self.pos = torch.nn.Parameter(torch.randn(1, 6, 2, 2))
+        ...     def forward(self, x):
+        ...         y = self.a(x)
+        ...         return self.b(y + torch.nn.functional.interpolate(self.pos, size=y.shape[-2:]))
+        >>> pruned = fxprune.transform(Pos(), fxprune.Policy(ratio=0.5), (torch.randn(1, 3, 4, 4),))
+        >>> tuple(pruned.pos.shape), fxprune.verify(pruned).ok
+        ((1, 3, 2, 2), True)
+    """
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    p, out_shape = an.value(x), an.shape(node)
+    if not isinstance(p, ParamRef):
+        return passthrough(an, node, spatial=None)
+    shape = tuple(an.param_tensor(p.target).shape)
+    if not is_tensor_shape(out_shape) or len(shape) < 3 or len(out_shape) != len(shape) \
+            or tuple(out_shape[:2]) != shape[:2]:
+        return opaque(an, node, f"{describe(node)} resizes a parameter whose leading dims it does not keep")
+    if shape[0] != 1:
+        return opaque(an, node, f"{describe(node)} resizes a parameter of shape {shape}: a table with a "
+                                "batch of its own is not a per-channel table")
+    return ChannelInfo(1, param_channels(an, p.target, 1, describe(node)))
+
+
+def gathered_table(an: Analysis, node: fx.Node) -> Any:
+    """``table[:, index]`` with ``table`` a parameter of shape ``(H, L)`` and ``index`` an integer
+    tensor (LeViT's ``attention_biases[:, attention_bias_idxs]``, shape ``(H, Nq, Nk)``): the
+    dims before the index pass through, so dim 0 is a per-head table (a passenger of the heads it
+    is added to). None when the index is not of this form.
+
+    Example:
+        >>> import torch, fxprune
+        >>> class Bias(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 2, 1)
+        ...         self.t = torch.nn.Parameter(torch.randn(4, 5))
+        ...         self.register_buffer("idx", torch.randint(0, 5, (3, 3)))
+        ...     def forward(self, x):
+        ...         return self.b(self.a(x) + self.t[:, self.idx])
+        >>> pruned = fxprune.transform(Bias(), fxprune.Policy(ratio=0.5), (torch.randn(1, 3, 3, 3),))
+        >>> tuple(pruned.t.shape), fxprune.verify(pruned).ok
+        ((2, 5), True)
+    """
+    src, idx = node.args[0], node.args[1]
+    p, out_shape = an.value(src), an.shape(node)
+    if not isinstance(p, ParamRef) or not isinstance(idx, tuple) or not is_tensor_shape(out_shape):
+        return None
+    at = [k for k, e in enumerate(idx) if not isinstance(e, slice)]
+    if len(at) != 1 or not isinstance(idx[at[0]], fx.Node) or at[0] == 0 \
+            or any(e != slice(None) for e in idx if isinstance(e, slice)):
+        return None
+    table = tuple(an.param_tensor(p.target).shape)
+    lead = at[0]
+    wide = [d for d in range(lead) if table[d] != 1]
+    if len(wide) != 1 or tuple(out_shape[:lead]) != table[:lead]:
+        return None
+    return ChannelInfo(wide[0], param_channels(an, p.target, wide[0], describe(node)))
+
+
+def getitem(an: Analysis, node: fx.Node) -> Any:
+    """``operator.getitem``: a literal list index (``slice_rules.list_index``) and a gathered
+    parameter table (``gathered_table``) first, then ``index_rules.getitem``."""
+    if len(node.args) == 2:
+        out = slice_rules.list_index(an, node)
+        if out is not NotImplemented:
+            return out
+        out = gathered_table(an, node)
+        if out is not None:
+            return out
+    return index_rules.getitem(an, node)
