@@ -269,4 +269,6 @@ FUNCTION_RULES.update({
     torch.ops.aten._upsample_bilinear2d_aa.default: TB.resize,  # antialias=True through export
     torch.ops.aten._upsample_bicubic2d_aa.default: TB.resize,
 })
+FUNCTION_RULES[torch.tile] = P(TB.tile, fallback=T.repeat)
+METHOD_RULES.update({"tile": P(TB.tile, fallback=T.repeat), "repeat": P(TB.tile, fallback=T.repeat)})
 METHOD_RULES["copy_"] = slice_rules.copy_into  # x[:, :c] = y through export: copy_ into the slice

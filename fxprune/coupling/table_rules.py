@@ -94,6 +94,43 @@ def gathered_table(an: Analysis, node: fx.Node) -> Any:
     return ChannelInfo(wide[0], param_channels(an, p.target, wide[0], describe(node)))
 
 
+def tile(an: Analysis, node: fx.Node, fallback: Any) -> Any:
+    """``param.tile(reps)`` / ``param.repeat(reps)`` / ``torch.tile``: copies of a parameter laid
+    end to end along the repeated dims; a dim repeated once keeps its channels. Hiera's
+    ``pos_embed_win.tile(mask_spatial_shape)`` (shape ``(1, C, h, w)``) is a per-channel table on
+    dim 1. A tensor that is not a parameter goes to ``fallback`` (``tensor_rules.repeat``).
+
+    Example:
+        >>> import torch, fxprune
+        >>> class Win(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = torch.nn.Conv2d(3, 6, 1), torch.nn.Conv2d(6, 2, 1)
+        ...         self.win = torch.nn.Parameter(torch.randn(1, 6, 2, 2))
+        ...     def forward(self, x):
+        ...         return self.b(self.a(x) + self.win.tile([2, 2]))
+        >>> pruned = fxprune.transform(Win(), fxprune.Policy(ratio=0.5), (torch.randn(1, 3, 4, 4),))
+        >>> tuple(pruned.win.shape), fxprune.verify(pruned).ok
+        ((1, 3, 2, 2), True)
+    """
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    p, out_shape = an.value(x), an.shape(node)
+    if not isinstance(p, ParamRef):
+        return fallback(an, node)
+    shape = tuple(an.param_tensor(p.target).shape)
+    if not is_tensor_shape(out_shape) or len(out_shape) < len(shape) or 0 in shape:
+        return opaque(an, node)
+    lead = len(out_shape) - len(shape)  # new leading dims; counts computed at run time read off the output
+    reps = [out_shape[lead + d] // size for d, size in enumerate(shape)]
+    kept = [d for d, size in enumerate(shape) if size > 1 and reps[d] == 1]
+    if len(shape) >= 3 and shape[0] == 1 and 1 in kept:
+        kept = [1]
+    if len(kept) != 1:
+        return opaque(an, node, f"{describe(node)} tiles a parameter of shape {shape} to {tuple(out_shape)}: "
+                                "no single dim keeps its channels")
+    return ChannelInfo(lead + kept[0], param_channels(an, p.target, kept[0], describe(node)))
+
+
 def getitem(an: Analysis, node: fx.Node) -> Any:
     """``operator.getitem``: a literal list index (``slice_rules.list_index``) and a gathered
     parameter table (``gathered_table``) first, then ``index_rules.getitem``."""
