@@ -15,10 +15,22 @@ fxprune runs ``Policy(importance=c, params=f)``, local scope (one ratio for ever
 size, SwiGLU channels, key-value groups), ``f`` searched until the measured non-embedding fraction
 is within 0.01 of ``--target``. ``sensitivity-consumer`` is ``sensitivity`` with
 ``sensitivity_terms="consumer"`` (its layer-wise Hessian has no rule for the embedding, the hidden
-size group's producer). Torch-Pruning (``llm_tp.py``) runs its recipe with the width ratio
-picked so that its predicted non-embedding fraction is ``--target`` and its head ratio the valid
-GQA multiple nearest that width ratio; the recipe does not finish on this model (see
-``llm_tp.py``), so ``tp-*-noattn`` runs it with q/k/v ignored (hidden size and MLP width pruned).
+size group's producer). Structure variants ``<criterion>@heads-mlp`` (``structures={"hidden": 0.0}``:
+whole kv groups and SwiGLU channels, the search setting their ratio) and ``<criterion>@hidden``
+(``structures={"heads": 0.0, "kv-groups": 0.0, "mlp": 0.0}``: the hidden size only) fix which
+structures are cut; the plain criteria let the policy cut every kind by one ratio. ``@mlp``
+(heads and hidden size whole) and ``@qheads-mlp`` (``{"hidden": 0.0, "query-heads": 0.5}``: half
+of each kv group's query heads, every kv head kept, the MLP width set by the budget) are what
+Torch-Pruning's heads-mlp run does here and what its recipe asks for (below). Torch-Pruning
+(``llm_tp.py``) runs its recipe with the width ratio picked so that its predicted non-embedding
+fraction is ``--target`` and its head ratio the valid GQA multiple nearest that width ratio. As
+published it never finishes on this model (an unbounded index shift through RoPE's
+``rotate_half`` concat; ``tp-magnitude-noshim`` records it): ``tp-*`` run it with a shim that
+spells that concat's dim positive. Its GQA head pruning then removes no head of this 4-query /
+2-kv model (it refuses the only valid ratio, see ``llm_tp.py``), so ``tp-*`` equals
+``tp-*-noattn`` (q/k/v ignored); ``tp-*@heads-mlp`` (o_proj, down_proj ignored: hidden size
+whole; heads asked for, MLP width) and ``tp-*@hidden`` (q/k/v, gate/up ignored) are the
+structure variants.
 ``fxprune.recalibrate`` only re-estimates BatchNorm statistics; Llama has RMSNorm and no biases,
 so that stage is recorded as not applicable. Fine-tune: ``--ft-steps`` AdamW steps at
 ``--ft-lr`` (cosine to 10%), the same windows for every method of a seed; the dense model given
@@ -30,7 +42,9 @@ finished run with the same settings.
 Usage:
     python benchmarks/reproduce/llm_perplexity.py        # the README figures (~35 min on 2 shared cores)
     python benchmarks/reproduce/llm_perplexity.py --methods sensitivity-consumer \
-        --merge benchmarks/results/llm_perplexity.json    # the added row
+        --merge benchmarks/results/llm_perplexity.json    # an added row
+    python benchmarks/reproduce/llm_perplexity.py --threads 1 --methods taylor@heads-mlp taylor@hidden \
+        tp-taylor@heads-mlp tp-taylor@hidden --merge benchmarks/results/llm_perplexity.json
     python benchmarks/reproduce/llm_perplexity.py --fast           # seconds, for tests
 
 Writes benchmarks/results/llm_perplexity.json (our model, our data: not a published LLM's numbers).
@@ -68,8 +82,13 @@ FXPRUNE_METHODS = ("l1", "taylor", "sensitivity", "activation")
 # their ratio and the search sets the others (fxprune.group_kinds): "@heads-mlp" prunes attention
 # (whole kv groups: a key/value head with its query heads) and the SwiGLU width, never the hidden
 # size; "@hidden" prunes only the hidden size (residual stream, embedding and norms with it).
+# "@mlp" (heads and hidden size whole) is what Torch-Pruning's heads-mlp run does on this model
+# (its head pruning refuses 4q/2kv, llm_tp.py); "@qheads-mlp" is what that recipe asks for: half
+# of the query heads of every kv group ("query-heads": kv heads whole), the MLP width by the budget.
 STRUCTURES = {"heads-mlp": {"hidden": 0.0},
-              "hidden": {"heads": 0.0, "kv-groups": 0.0, "mlp": 0.0}}
+              "hidden": {"heads": 0.0, "kv-groups": 0.0, "mlp": 0.0},
+              "mlp": {"hidden": 0.0, "heads": 0.0, "kv-groups": 0.0},
+              "qheads-mlp": {"hidden": 0.0, "query-heads": 0.5}}
 # Criteria of the structure variants (sensitivity with consumer terms: the hidden size group's
 # producer is the embedding, for which the layer-wise Hessian has no rule).
 STRUCTURE_CRITERIA = {"l1": ("l1", {}), "taylor": ("taylor", {}),
@@ -170,7 +189,7 @@ def fx_prune(model, method: str, dense: dict, target: float, example, calibratio
     criterion, options, structures = VARIANTS.get(method, (method, {}, None))
     if start is not None:
         fraction = start
-    elif structures is not None and "hidden" not in structures:
+    elif structures is not None and "hidden" not in structures and "mlp" in structures:
         fraction = target  # only the hidden size: every parameter, embedding included, scales with it
     else:
         fraction = whole_model_fraction(dense, target)
@@ -309,6 +328,9 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter() - started
     headers, rows = table(records, dense_eval["ppl"], controls, args)
     verdict = compare(records)
+    verdict["by_structure"] = {name: compare(records, name) for name in STRUCTURES}
+    for name, part in verdict["by_structure"].items():
+        verdict["lines"] += [f"@{name}: {line}" for line in part["lines"]]
     print(f"\nHeld-out perplexity (bytes; {dense_eval['tokens']} held-out bytes), mean±std over {args.seeds} "
           f"seed(s); budget {args.target:.0%} of non-embedding parameters; fine-tune {args.ft_steps} AdamW steps, "
           f"lr {args.ft_lr}:")
@@ -404,9 +426,12 @@ def _mean(records: list[dict], method: str, stage: str) -> float:
     return mean_std(values)[0] if values else float("inf")
 
 
-def compare(records: list[dict]) -> dict:
-    """Per stage: fxprune's best criterion against Torch-Pruning's best variant (lower perplexity wins)."""
+def compare(records: list[dict], structure: str | None = None) -> dict:
+    """Per stage: fxprune's best criterion against Torch-Pruning's best variant (lower perplexity wins);
+    ``structure`` (``"heads-mlp"``, ``"hidden"``) compares only the methods of that structure variant."""
     lines, stages = [], {}
+    if structure is not None:
+        records = [r for r in records if structure_of(r["method"]) == structure]
     fx = sorted({r["method"] for r in records if r["method"] not in TP_METHODS})
     tp = sorted({r["method"] for r in records if r["method"] in TP_METHODS})
     if not fx or not tp:

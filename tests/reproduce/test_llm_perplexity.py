@@ -140,9 +140,11 @@ def test_torch_pruning_ratio_prediction_matches_the_pruned_model():
     assert abs(after["non_embedding"] / dense["non_embedding"] - 0.5) < 0.05
 
 
-@pytest.mark.parametrize("method,changed", [("l1@heads-mlp", {"mlp", "q_out", "kv_out"}), ("l1@hidden", {"hidden"})])
+@pytest.mark.parametrize("method,changed", [("l1@heads-mlp", {"mlp", "q_out", "kv_out"}), ("l1@hidden", {"hidden"}),
+                                            ("l1@mlp", {"mlp"}), ("l1@qheads-mlp", {"mlp", "q_out"})])
 def test_structure_variants_prune_only_their_structures(method, changed, tiny_trained):
-    """``@heads-mlp`` keeps the hidden size; ``@hidden`` keeps heads and MLP; both exact under the oracle."""
+    """``@heads-mlp`` keeps the hidden size; ``@hidden`` keeps heads and MLP; ``@mlp`` keeps all but the MLP;
+    ``@qheads-mlp`` halves the query heads of each kv group and keeps every kv head; all exact under the oracle."""
     model, windows = tiny_trained
     x, _ = split_xy(windows[0])
     dense = param_counts(model)
