@@ -50,6 +50,12 @@ Measured here (torch 2.14.1, transformers 5.25, torch-pruning 1.6.1), and what w
    :func:`predicted_non_embedding` models exactly this (``tp_kept_heads``), so the width ratio is
    solved for what Torch-Pruning does, and the run records the measured widths.
 
+3. **Pruning the hidden size changes what RMSNorm computes.** Torch-Pruning narrows each
+   ``LlamaRMSNorm`` weight and leaves its ``mean(x**2, -1)`` over the channels kept, so every norm's
+   output is ``sqrt(kept / width)`` (0.71 at 64 of 128) of the model with those channels zeroed;
+   fxprune rewrites the mean's divisor (``mean * kept / width``) and stays exact under its mask
+   oracle. The hidden-size rows start from this offset (``tp-*@hidden``, ``tp-*``).
+
 Structures (``structure=``): ``"recipe"`` is the script's configuration (hidden size, MLP width and
 heads by one ratio); ``"heads-mlp"`` adds every ``o_proj`` and ``down_proj`` to ``ignored_layers``
 (no group is rooted at the residual stream's writers, so the hidden size stays whole) and prunes
@@ -94,6 +100,8 @@ TP_FINDINGS = {
                  "BasePruner._prune lowers num_heads[q_proj] before its GQA test, which then sees no GQA, keeps "
                  "the k/v indices, and check_pruning_group refuses the group (k_proj/v_proj would lose all 64 "
                  "channels): no head is removed, silently; on 8 query / 2 kv heads the same code removes them",
+    "rmsnorm": "hidden-size pruning leaves LlamaRMSNorm's mean over the kept channels: each norm's output is "
+               "sqrt(kept/width) (0.71 at 64 of 128) of the masked model's; fxprune rewrites the divisor (exact)",
 }
 
 
