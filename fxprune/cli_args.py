@@ -97,8 +97,9 @@ def add_capture_argument(p: argparse.ArgumentParser) -> None:
     """
     p.add_argument("--capture", choices=CAPTURE_MODES, default="auto",
                    help="how the model is captured: fx (torch.fx symbolic trace, fast), export (torch.export, "
-                        "for models with Python control flow fx cannot trace) or auto (default: fx, falling "
-                        "back to export when fx fails); the report says which one ran and why")
+                        "for models with Python control flow fx cannot trace) or auto (default: fx; when fx fails "
+                        "inside timm layers fxprune has rules for, fx again with those kept whole; then "
+                        "export); the report says which one ran and why")
 
 
 def capture_line(capture: dict) -> str:
