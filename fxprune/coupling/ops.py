@@ -268,7 +268,10 @@ FUNCTION_RULES.update({
     F.interpolate: TB.resize, F.upsample: TB.resize,  # a resized parameter is a per-channel table
     torch.ops.aten._upsample_bilinear2d_aa.default: TB.resize,  # antialias=True through export
     torch.ops.aten._upsample_bicubic2d_aa.default: TB.resize,
+    torch.ops.aten._upsample_bilinear2d_aa.vec: TB.resize, torch.ops.aten._upsample_bicubic2d_aa.vec: TB.resize,
+    torch.ops.aten.tile.default: P(TB.tile, fallback=T.repeat),
 })
 FUNCTION_RULES[torch.tile] = P(TB.tile, fallback=T.repeat)
 METHOD_RULES.update({"tile": P(TB.tile, fallback=T.repeat), "repeat": P(TB.tile, fallback=T.repeat)})
+METHOD_RULES.update({m: TB.param_copy for m in ("clone", "contiguous", "detach")})
 METHOD_RULES["copy_"] = slice_rules.copy_into  # x[:, :c] = y through export: copy_ into the slice

@@ -283,6 +283,8 @@ def _index_values(an: Analysis, entry: Any) -> tuple[int, ...] | None:
     literal list reaches an exported graph); None for anything else (bool masks included)."""
     if isinstance(entry, (list, tuple)) and entry and all(isinstance(e, int) and not isinstance(e, bool) for e in entry):
         return tuple(entry)
+    while isinstance(entry, fx.Node) and entry.op == "call_method" and entry.target in ("clone", "contiguous"):
+        entry = entry.args[0]  # torch.export lifts a literal list to a constant and clones it
     if isinstance(entry, fx.Node) and entry.op == "get_attr":
         try:
             t = an.param_tensor(entry.target)

@@ -18,7 +18,7 @@ from typing import Any
 import torch.fx as fx
 
 from . import index_rules, slice_rules
-from .rules import describe, opaque, passthrough
+from .rules import describe, elementwise, opaque, passthrough
 from .state import Analysis, ChannelInfo, ParamRef
 from .tensor_rules import param_channels
 from ..shapes import is_tensor_shape
@@ -129,6 +129,22 @@ def tile(an: Analysis, node: fx.Node, fallback: Any) -> Any:
         return opaque(an, node, f"{describe(node)} tiles a parameter of shape {shape} to {tuple(out_shape)}: "
                                 "no single dim keeps its channels")
     return ChannelInfo(lead + kept[0], param_channels(an, p.target, kept[0], describe(node)))
+
+
+def param_copy(an: Analysis, node: fx.Node) -> Any:
+    """``clone``/``contiguous``/``detach`` of a parameter or buffer is that tensor again (how
+    torch.export hands on a literal index list: a lifted constant, cloned); of anything else,
+    an elementwise op.
+
+    Example:
+        >>> from fxprune.coupling.ops import METHOD_RULES
+        >>> METHOD_RULES["clone"] is param_copy
+        True
+    """
+    x = node.args[0] if node.args else None
+    if isinstance(an.value(x), ParamRef):
+        return an.value(x)
+    return elementwise(an, node)
 
 
 def getitem(an: Analysis, node: fx.Node) -> Any:
