@@ -40,7 +40,7 @@ class MaskedInterpreter(fx.Interpreter):
         result = super().run_node(n)
         if n.name in self.zero and isinstance(result, torch.Tensor):
             dim, idx = self.zero[n.name]
-            if result._base is not None and _written_in_place(n):  # keep the view a view of its base
+            if _zero_in_place(n, result):  # the tensor an in-place write changed, or a view about to be written
                 result.index_fill_(dim, idx.to(result.device), 0)
             else:
                 result = result.index_fill(dim, idx.to(result.device), 0)
@@ -60,17 +60,21 @@ class MaskedInterpreter(fx.Interpreter):
 _IN_PLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
-def _written_in_place(node: fx.Node) -> bool:
-    """Whether a user of ``node`` writes into it in place (``copy_``, ``add_``, ``x[i] = v``): a
-    view zeroed out of place would take that write away from the tensor it views."""
-    for user in node.users:
-        if not user.args or user.args[0] is not node:
-            continue
-        name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
-        if user.target in _IN_PLACE_FUNCTIONS or user.kwargs.get("inplace") \
-                or (name.endswith("_") and not name.endswith("__")):
-            return True
-    return False
+def _writes_in_place(node: fx.Node) -> bool:
+    """Whether ``node`` writes into its first argument (``copy_``, ``add_``, ``x[i] = v``)."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and bool(node.args) and (
+        node.target in _IN_PLACE_FUNCTIONS or bool(node.kwargs.get("inplace"))
+        or (name.endswith("_") and not name.endswith("__")))
+
+
+def _zero_in_place(node: fx.Node, result: torch.Tensor) -> bool:
+    """Zero ``result`` in place when ``node`` wrote into it (the removed channels of the tensor
+    it changed are zero again) or when it is a view a user writes into (a view zeroed out of
+    place would take that write away from the tensor it views)."""
+    if _writes_in_place(node):
+        return True
+    return result._base is not None and any(_writes_in_place(u) and u.args[0] is node for u in node.users)
 
 
 def _leaves(value: Any) -> list[torch.Tensor]:
