@@ -103,7 +103,7 @@ def measure_model(name: str, repeats: int) -> dict:
     if fx_warm is None:
         return row
     fx_times, tp_times, stage_runs = [], [], []
-    for i in range(repeats):
+    for i in range(repeats if tp_warm is not None else 1):  # no pair to compare: one timed run
         order = ("fx", "tp") if i % 2 == 0 else ("tp", "fx")
         for tool in order:
             if tool == "fx":
@@ -161,9 +161,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--max-rss-gb", type=float, default=16)
     parser.add_argument("--json", default=OUT)
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --json, run the rest")
     args = parser.parse_args()
     names = [n for _lib, n in zoo.catalogue(["timm"], args.models)]
     rows = []
+    if args.resume and os.path.exists(args.json):
+        with open(args.json) as f:
+            rows = json.load(f)["rows"]
+        names = [n for n in names if n not in {r["model"] for r in rows}]
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     for name in tqdm(names, desc="timm speed"):
         result, error = cov.run_isolated(_worker, (name, args.repeats), args.timeout, args.max_rss_gb)
