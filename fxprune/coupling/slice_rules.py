@@ -343,7 +343,7 @@ def list_index(an: Analysis, node: fx.Node) -> Any:
     if in_dim != v.dim:
         on_channels = _entry_at(entries, v.dim)
         if on_channels not in (None, slice(None)):
-            return NotImplemented  # a channel slice beside a list index: left to the slice rule's callers
+            return NotImplemented  # a channel slice beside a list index: the layout rule blocks it
         out_v = _out_dim(entries, v.dim)
         return ChannelInfo(out_v, v.units) if out_v < len(out_shape) and out_shape[out_v] == len(v.units) else NotImplemented
     out_dim = _out_dim(entries, in_dim)
