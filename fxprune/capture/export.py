@@ -11,6 +11,9 @@ becomes the graph form every later stage reads, the same one the FX front end ma
 - every other ATen call becomes its Python-level twin (``aten_twins.TWINS``): one op table,
   one rule per op for both front ends; an ATen op without a twin stays and blocks its channels;
 - metadata asserts and export's guard function are dropped, aliases read their input;
+- regions that cannot change forward values (``torch.no_grad()``, ``torch.autocast(...,
+  enabled=False)`` inside ``forward``; export makes each a higher-order op calling a subgraph)
+  are inlined, so their ops meet the op table (``regions.py``); an enabled autocast stays whole;
 - parameters and buffers keep the model's names (``layer1.0.conv1.weight``), so ``state_dict``
   keys are the original ones; tensors export created (lifted constants) become non-persistent;
 - the output keeps its structure: tuples, lists and dicts as FX output containers, anything
@@ -39,6 +42,7 @@ import torch.utils._pytree as pytree
 from ..errors import TraceError
 from .aten_twins import ALIASES, DROPPED, twin_of
 from .fx_trace import copy_training_flags, structural_copy
+from .regions import inline_regions
 from .relift import lift_target, resolve
 
 try:
@@ -216,6 +220,7 @@ def capture_export(model: nn.Module, inputs: tuple, concrete_args: dict | None =
     private = structural_copy(model)
     program = export_program(private, inputs, concrete_args)
     exported = program.module()
+    inline_regions(exported)
     graph, outputs = _translate(exported, private)
     attrs: dict = {}
     _finish_output(graph, outputs, getattr(exported, "_out_spec", None), attrs)

@@ -186,6 +186,13 @@ def _aten_rule(target: Any) -> Rule | None:
     return lambda an, node: R.opaque(an, node, f"{R.describe(node)}: {why}")
 
 
+def _region_rule(node: Any) -> Rule | None:
+    """A region the export front end could not inline (an enabled autocast): blocked with its reason."""
+    from ..capture.regions import region_reason
+    why = region_reason(node)
+    return None if why is None else (lambda an, node: R.opaque(an, node, why))
+
+
 def rule_for(an, node) -> Rule | None:
     """The rule of a node, or None when the op is unknown.
 
@@ -208,6 +215,8 @@ def rule_for(an, node) -> Rule | None:
         rule = FUNCTION_RULES.get(node.target)
         if rule is None and isinstance(node.target, torch._ops.OpOverload):
             return _aten_rule(node.target)
+        if rule is None and isinstance(node.target, torch._ops.HigherOrderOperator):
+            return _region_rule(node)
         return rule
     if node.op == "call_method":
         return METHOD_RULES.get(node.target)
