@@ -82,8 +82,9 @@ def region_reason(node: fx.Node) -> str | None:
     Example:
         >>> g = fx.Graph()
         >>> n = g.call_function(AUTOCAST, ("cpu", torch.bfloat16, True, None, g.get_attr("submod_0")))
-        >>> region_reason(n)
-        "autocast region (enabled) changes dtypes: torch.autocast('cpu', dtype=torch.bfloat16) around submod_0 at node 'wrap_with_autocast'"
+        >>> print(region_reason(n).replace(": ", ":\\n"))
+        autocast region (enabled) changes dtypes:
+        torch.autocast('cpu', dtype=torch.bfloat16) around submod_0 at node 'wrap_with_autocast'
     """
     if not is_region(node):
         return None
