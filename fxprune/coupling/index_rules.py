@@ -3,7 +3,8 @@
 Example:
     >>> import operator
     >>> from fxprune.coupling.ops import FUNCTION_RULES
-    >>> FUNCTION_RULES[operator.getitem] is getitem
+    >>> from fxprune.coupling import table_rules
+    >>> FUNCTION_RULES[operator.getitem] is table_rules.getitem  # tries parameter tables, then this getitem
     True
 """
 from __future__ import annotations

@@ -173,9 +173,10 @@ def _consumer_dims(an: Analysis, node: fx.Node, nd: int) -> tuple[set[int], set[
 def _choose(an: Analysis, node: fx.Node, a2: int, out_block: tuple, natural: list[int]) -> tuple[int, str]:
     """The axis of the output block that carries the channels, and why (no reason: a natural
     axis, nothing to couple)."""
-    if _feeds_contraction(node):  # (..., heads, head_dim): a single head is one unit
-        return len(out_block) - 2, "whole heads go together"
     axes = [t for t, s in enumerate(out_block) if s > 1]
+    if _feeds_contraction(node) and len(out_block) >= 2 and out_block[-2] > 1:  # (..., heads, head_dim)
+        return len(out_block) - 2, "whole heads go together"
+    # a single head: its head_dim carries the channels as the stream's own (pvt_v2's reused C)
     want, avoid = _consumer_dims(an, node, len(an.shape(node)))
     wanted = [t for t in axes if a2 + t in want]
     if natural:
