@@ -163,7 +163,8 @@ def fx_row(lib: str, name: str) -> dict:
                                 if isinstance(n.target, torch._ops.OpOverload)})}
     m64, x64 = _float64(model, inputs)
     exact = fxprune.transform(m64, fxprune.Policy("l1", RATIO, exact_only=True), x64,
-                              capture=plan.capture.get("frontend", "auto"))
+                              # the same front end; FX with timm's leaf layers is reached through auto
+                              capture="auto" if plan.capture.get("timm_leaves") else plan.capture.get("frontend", "auto"))
     # 1e-6: some models compute in float32 inside (HF RMSNorm) whatever their dtype
     check = fxprune.verify(exact, inputs=x64, tolerance=1e-6)
     row["oracle"] = {"ok": check.ok, "max_error": check.max_error, "compared": check.compared}
