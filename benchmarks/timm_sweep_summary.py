@@ -1,12 +1,13 @@
 """Counts of the timm sweep by outcome, before/after: ok-exact, ok-approx, partial (>50% of the
 prunable channels blocked), no-reduction, failure.
 
-    python benchmarks/timm_sweep_summary.py benchmarks/results/zoo_timm_after.json
+    python benchmarks/timm_sweep_summary.py benchmarks/results/zoo_timm_after.json [RERUN.json ...]
     python benchmarks/timm_sweep_summary.py BEFORE.json --exactness EXACTNESS.json   # older sweeps
 
 Reads the JSON of ``zoo_coverage.py --libraries timm``. Rows of sweeps made before the rows
 recorded exactness (``approximate_groups``) take it from ``--exactness`` (a list of
-``{"model", "pruned", "approx"}`` made by planning each model with the same policy).
+``{"model", "pruned", "approx"}`` made by planning each model with the same policy). Rows of
+later files (re-runs of some models, e.g. with a longer ``--timeout``) replace earlier ones.
 """
 from __future__ import annotations
 
@@ -42,11 +43,15 @@ def summarise(rows: list[dict], exactness: dict[str, int]) -> tuple[collections.
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep")
+    ap.add_argument("sweeps", nargs="+", help="zoo_coverage JSON files; a later file's rows replace earlier ones")
     ap.add_argument("--exactness", default=None)
     ap.add_argument("--list", action="store_true", help="name the models of every outcome but ok-*")
     args = ap.parse_args()
-    rows = json.load(open(args.sweep))["rows"]
+    by_model: dict = {}
+    for path in args.sweeps:
+        with open(path) as f:
+            by_model.update((r["model"], r) for r in json.load(f)["rows"])
+    rows = list(by_model.values())
     exactness = {}
     if args.exactness:
         exactness = {e["model"]: e["approx"] for e in json.load(open(args.exactness)) if "approx" in e}
