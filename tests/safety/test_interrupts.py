@@ -153,12 +153,20 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _sigint_as_at_a_terminal() -> None:
+    """The child starts with SIGINT's default action, as a command typed at a terminal does: a
+    test run launched in the background by a non-interactive shell has SIGINT ignored, and
+    Python keeps an inherited ignore (then no Ctrl-C can reach the CLI, by design)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
 def test_a_real_sigint_gives_exit_130_and_no_traceback(workdir):
     (workdir / "slow_prune.py").write_text(textwrap.dedent(SLOW_PRUNE))
     out = workdir / "pruned.pt"
     proc = subprocess.Popen([sys.executable, "slow_prune.py", *_prune_args(out)], cwd=workdir,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_at_a_terminal)
     try:
         assert proc.stdout.readline().strip() == "pruning"
         proc.send_signal(signal.SIGINT)
@@ -225,7 +233,8 @@ def test_ctrl_c_while_importing_torch_is_one_line_and_exit_130(workdir):
 def test_a_real_sigint_during_start_up_gives_exit_130_and_no_traceback(workdir):
     out = workdir / "pruned.pt"
     proc = subprocess.Popen([sys.executable, "-c", SAY_WHEN_TORCH_STARTS, *_prune_args(out)], cwd=workdir,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_at_a_terminal)
     try:
         assert proc.stdout.readline().strip() == "importing torch"
         proc.send_signal(signal.SIGINT)  # torch takes a second or more to import: this lands in it
