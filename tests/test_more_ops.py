@@ -9,23 +9,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
+from oracle_helpers import blocked_reasons, prune_verified
 
 CAPTURES = ["fx", "export"]
 IMAGE = (torch.randn(2, 3, 6, 6),)
 
 
-def _prune(model, inputs, capture, ratio=0.5):
-    model = model.double().eval()
-    inputs = tuple(t.double() for t in inputs)
-    plan = fxprune.plan(model, fxprune.Policy(ratio=ratio), inputs, capture=capture)
-    pruned = fxprune.apply(plan)
-    check = fxprune.verify(pruned, inputs=inputs)
-    assert check.ok and check.compared, check
-    return plan, pruned
-
-
-def _blocked(plan):
-    return [why for _, why in plan.blocked_ops]
+_prune = prune_verified
+_blocked = blocked_reasons
 
 
 def _owners(plan, owner):

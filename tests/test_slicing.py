@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
+from oracle_helpers import blocked_reasons, prune_verified
 
 CAPTURES = ["fx", "export"]
 
@@ -117,22 +118,10 @@ class RunTimeBound(nn.Module):
 
 
 def _prune(model, inputs, capture, ratio=0.5):
-    model = model.double().eval()
-    inputs = tuple(t.double() for t in inputs)
-    with torch.no_grad():  # non-trivial BN statistics
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-1, 1)
-                m.running_var.uniform_(0.5, 2)
-    plan = fxprune.plan(model, fxprune.Policy(ratio=ratio), inputs, capture=capture)
-    pruned = fxprune.apply(plan)
-    check = fxprune.verify(pruned, inputs=inputs)
-    assert check.ok and check.compared, check
-    return plan, pruned
+    return prune_verified(model, inputs, capture, ratio, randomize_bn=True)
 
 
-def _blocked(plan):
-    return [why for _, why in plan.blocked_ops]
+_blocked = blocked_reasons
 
 
 def _group(plan, owner):
