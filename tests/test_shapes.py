@@ -169,3 +169,44 @@ def test_the_attention_shape_rule_equals_a_real_run(batch_first, need_weights, a
     assert _recorded(gm) == _real(gm, (q, kv))
     gm.get_submodule("mha").in_proj_weight = nn.Parameter(torch.randn(21, 8))
     assert not _meta_propagate(gm, (q, kv))
+
+
+class Functional(nn.Module):
+    """The functional forms timm and transformers call: layer_norm, linear, normalize, SDPA (with
+    and without masks), neg."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 8))
+        self.b = nn.Parameter(torch.randn(6))
+        self.ln_w = nn.Parameter(torch.randn(8))
+
+    def forward(self, x, mask):
+        y = torch.nn.functional.layer_norm(x, (8,), self.ln_w, None, 1e-5)
+        z = torch.nn.functional.linear(y, self.w, self.b)
+        n = torch.nn.functional.normalize(-z, dim=-1)
+        q = y.view(2, 5, 2, 4).transpose(1, 2)
+        a = torch.nn.functional.scaled_dot_product_attention(q, q, q[..., :3])
+        c = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask, scale=0.5)
+        return n, a, c, torch.neg(z).neg()
+
+
+def test_functional_shape_rules_equal_a_real_run():
+    gm = trace(Functional())
+    inputs = (torch.randn(2, 5, 8), torch.rand(5, 5) > 0.5)
+    assert _meta_propagate(gm, inputs)
+    assert _recorded(gm) == _real(gm, inputs)
+
+
+@pytest.mark.parametrize("broken", ["layer_norm", "linear_in", "linear_bias"])
+def test_functional_shape_rules_still_catch_a_tensor_of_the_wrong_width(broken):
+    gm = trace(Functional())
+    inputs = (torch.randn(2, 5, 8), torch.rand(5, 5) > 0.5)
+    name, shape = {"layer_norm": ("ln_w", (7,)), "linear_in": ("w", (6, 7)), "linear_bias": ("b", (5,))}[broken]
+    setattr(gm, name, nn.Parameter(torch.randn(*shape)))
+    assert not _meta_propagate(gm, inputs)
+
+
+def test_the_attention_function_rule_still_catches_a_mask_that_does_not_broadcast():
+    gm = trace(Functional())
+    assert not _meta_propagate(gm, (torch.randn(2, 5, 8), torch.rand(4, 5) > 0.5))
