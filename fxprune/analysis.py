@@ -50,9 +50,9 @@ def stage(name: str, timings: dict):
 
 def _captured_with_shapes(model: torch.nn.Module, inputs: tuple, timings: dict, how: str,
                           leaf_modules: Iterable, concrete_args: dict | None):
-    """Capture and propagate shapes; with ``auto``, an FX graph the shape pass cannot run (a
-    branch baked wrongly at trace time) is traced again with timm's leaf layers kept whole (where
-    the model has some not kept yet, ``timm_leaf_retry``), else captured again with torch.export."""
+    """Capture and propagate shapes; an FX graph the shape pass cannot run (a branch baked
+    wrongly at trace time) is traced again with timm's leaf layers kept whole (where the model has
+    some not kept yet, ``timm_leaf_retry``), else, with ``auto``, captured again with torch.export."""
     with stage("trace", timings):
         gm, info = capture_graph(model, inputs, how, leaf_modules, concrete_args)
     try:
@@ -60,16 +60,18 @@ def _captured_with_shapes(model: torch.nn.Module, inputs: tuple, timings: dict, 
             propagate(gm, inputs)
         return gm, info
     except FxPruneError as shape_err:
-        if info.frontend != "fx" or how != "auto":
+        if info.frontend != "fx" or how == "export":
             raise
         why = StageError("shapes", None, f"the FX graph did not run: {first_line(shape_err)}")
         if not info.timm_leaves:
             with stage("trace", timings):
-                retried = timm_leaf_retry(model, leaf_modules, concrete_args, why)
+                retried = timm_leaf_retry(model, leaf_modules, concrete_args, why, requested=how)
             if retried is not None:
                 with contextlib.suppress(FxPruneError), stage("shapes", timings):
                     propagate(retried[0], inputs)
                     return retried
+        if how == "fx":
+            raise
         try:
             with stage("trace", timings):
                 gm, info = export_fallback(model, inputs, concrete_args, why)

@@ -8,6 +8,7 @@
   Where FX failed inside a timm layer that fxprune has a rule for and timm registers as not
   traceable (``Conv2dSame``'s "same" padding computes shapes in Python), FX is tried once more
   with those layers kept whole (``timm_leaf_retry``) before export, which costs ten times more.
+  ``"fx"`` makes the same retry (it is still torch.fx) and raises where it does not help.
 
 Captures are serialised under one process-wide lock: ``symbolic_trace`` patches
 ``torch.nn.Module.__call__`` and ``__getattr__`` for the whole process while it runs, so two
@@ -59,11 +60,12 @@ class CaptureInfo:
 
     @property
     def reason(self) -> str:
+        if self.timm_leaves and self.frontend == "fx":
+            asked = "" if self.requested == "auto" else f"capture={self.requested!r} was asked for; "
+            return (f"{asked}torch.fx with timm's leaf layers ({', '.join(self.timm_leaves)}) kept whole: "
+                    f"tracing through them failed ({self.fx_error})")
         if self.requested != "auto":
             return f"capture={self.requested!r} was asked for"
-        if self.timm_leaves and self.frontend == "fx":
-            return (f"torch.fx with timm's leaf layers ({', '.join(self.timm_leaves)}) kept whole: "
-                    f"tracing through them failed ({self.fx_error})")
         if self.fx_error:
             return f"torch.fx failed ({self.fx_error}); captured with torch.export"
         return "torch.fx traced the model (the fast path)"
@@ -145,25 +147,25 @@ def capture(model: torch.nn.Module, inputs: tuple, how: str = "auto", leaf_modul
         try:
             return trace(model, leaf_modules, concrete_args), CaptureInfo("fx", how)
         except TraceError as fx_err:
-            if how == "fx":
-                raise
             retried = timm_leaf_retry(model, leaf_modules, concrete_args, fx_err,
-                                      getattr(fx_err, "failed_inside", ()))
+                                      getattr(fx_err, "failed_inside", ()), requested=how)
             if retried is not None:
                 return retried
+            if how == "fx":
+                raise
             return export_fallback(model, inputs, concrete_args, fx_err)
 
 
 def timm_leaf_retry(model: torch.nn.Module, leaf_modules: Iterable, concrete_args: dict | None,
-                    fx_err: BaseException, failed_inside: Iterable[type] | None = None
-                    ) -> tuple[fx.GraphModule, CaptureInfo] | None:
+                    fx_err: BaseException, failed_inside: Iterable[type] | None = None,
+                    requested: str = "auto") -> tuple[fx.GraphModule, CaptureInfo] | None:
     """FX again with the timm layers FX failed inside kept whole as leaves, where fxprune has a
     coupling rule for them and timm registers them as not traceable (``timm_rules.leaf_types``);
     a retry that fails inside another such layer adds it and tries again. ``failed_inside``: the
     module types the first failure happened in (``TraceError.failed_inside``); None (the failure's
     place is unknown): every such layer of the model at once. None where no such layer is on the
     failure's path or the last retry fails outside them. timm is imported only for a model that
-    holds a timm module.
+    holds a timm module. ``requested``: the ``capture=`` argument the ``CaptureInfo`` records.
 
     Example:
         >>> import torch, timm.layers as tl
@@ -195,7 +197,7 @@ def timm_leaf_retry(model: torch.nn.Module, leaf_modules: Iterable, concrete_arg
                     return None
                 inside = getattr(err, "failed_inside", ())
                 continue
-            return gm, CaptureInfo("fx", "auto", first_line(fx_err), tuple(t.__name__ for t in leaves))
+            return gm, CaptureInfo("fx", requested, first_line(fx_err), tuple(t.__name__ for t in leaves))
 
 
 def export_fallback(model: torch.nn.Module, inputs: tuple, concrete_args: dict | None,

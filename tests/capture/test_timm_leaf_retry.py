@@ -121,10 +121,20 @@ def test_a_failure_outside_timm_layers_falls_back_to_export_without_a_retry():
     assert info.reason.startswith("torch.fx failed")
 
 
-def test_capture_fx_asked_for_is_not_retried():
+def test_capture_fx_asked_for_is_retried_with_timm_leaves_and_stays_on_fx():
+    gm, info = capture(_net(), X, how="fx")
+    assert info.frontend == "fx" and info.requested == "fx"
+    assert info.timm_leaves == ("Conv2dSame", "MaxPool2dSame")
+    assert info.reason.startswith("capture='fx' was asked for; torch.fx with timm's leaf layers")
+    plan = fxprune.plan(_net(), fxprune.Policy(ratio=0.5), X, capture="fx")
+    assert plan.capture["requested"] == "fx" and plan.capture["timm_leaves"] == ["Conv2dSame", "MaxPool2dSame"]
+    assert fxprune.verify(fxprune.apply(plan)).ok
+
+
+def test_capture_fx_asked_for_still_raises_where_timm_leaves_do_not_help():
     with pytest.raises(TraceError) as err:
-        capture(_net(), X, how="fx")
-    assert tl.Conv2dSame in err.value.failed_inside
+        capture(BranchOnValues(), X, how="fx")
+    assert err.value.failed_inside == ()  # FX failed outside every timm layer: nothing to retry
 
 
 def test_shapes_failure_of_the_fx_graph_is_retried_with_timm_leaves(monkeypatch):
