@@ -284,3 +284,15 @@ FUNCTION_RULES[torch.tile] = P(TB.tile, fallback=T.repeat)
 METHOD_RULES.update({"tile": P(TB.tile, fallback=T.repeat), "repeat": P(TB.tile, fallback=T.repeat)})
 METHOD_RULES.update({m: TB.param_copy for m in ("clone", "contiguous", "detach")})
 METHOD_RULES["copy_"] = slice_rules.copy_into  # x[:, :c] = y through export: copy_ into the slice
+
+
+# -- repeat_interleave, fold (the inverse of unfold), rsub -----------------------------------
+from . import repeat_rules as RP  # noqa: E402
+
+FUNCTION_RULES.update({
+    torch.repeat_interleave: RP.repeat_interleave,  # each unit r times in a row along the channel dim
+    F.fold: RR.col2im,  # blocks of C * k entries summed into C channels: each block goes whole
+    torch.rsub: R.elementwise,  # other - alpha * x (export's ``1.0 - x``): the oracle zeroes removed outputs
+})
+METHOD_RULES["repeat_interleave"] = RP.repeat_interleave
+MODULE_RULES[nn.Fold] = RR.col2im
