@@ -266,6 +266,8 @@ TWINS.update({
     aten.im2col: _fn(F.unfold),  # (x, kernel_size, dilation, padding, stride): F.unfold's order
     aten.addcmul: _fn(torch.addcmul),
     aten.unfold: _method("unfold"), aten.reshape_as: _method("reshape_as"), aten.view_as: _method("view_as"),
+    aten.col2im: _fn(F.fold),  # (x, output_size, kernel_size, dilation, padding, stride): F.fold's order
+    aten.repeat_interleave: _fn(torch.repeat_interleave),  # self_int, self_Tensor; Tensor: repeats alone
 })
 
 # ATen ops that only assert metadata or alias a value: the node is dropped (its users read the input).

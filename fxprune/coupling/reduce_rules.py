@@ -9,6 +9,8 @@
   channel ``c`` owns entries ``[c * k, (c + 1) * k)`` (a stride map, as in a flatten).
   ``Tensor.unfold(dim, size, step)`` on another dim passes the channels through (a trailing
   window dim is appended); on the channel dim it mixes neighbouring channels and blocks.
+- **col2im** (``F.fold``, ``nn.Fold``): the inverse, ``C * k`` entries of dim 1 summed into ``C``
+  channels; each block of ``k`` entries goes whole.
 - ``reshape_as`` / ``view_as`` / ``expand_as`` are reshape/view/expand to the other tensor's
   traced shape. The other tensor is pruned in the rewritten model too, so its channels are
   coupled with the result's (same dim, same width); no literal is rewritten.
@@ -217,6 +219,45 @@ def im2col(an: Analysis, node: fx.Node) -> Any:
     if rest:
         return opaque(an, node)
     return ChannelInfo(c, tuple(u for u in v.units for _ in range(k)))
+
+
+def col2im(an: Analysis, node: fx.Node) -> Any:
+    """``F.fold`` / ``nn.Fold``, the inverse of ``im2col``: ``(N, C * k, L) -> (N, C, H, W)``,
+    entries ``[c * k, (c + 1) * k)`` of dim 1 (unbatched: dim 0) summed into output channel
+    ``c``. Each such block goes whole: its units are coupled (group-structure edges, none where
+    they already are one channel, as after an unfold) and output channel ``c`` carries the
+    block's unit. Removing a block zeroes every entry that output channel ``c`` sums, so the
+    pruned fold over the kept blocks is exact. Channels on the block-position dim ``L`` are
+    summed over overlapping windows, which blocks them.
+
+    Example:
+        >>> import torch
+        >>> from fxprune.coupling.ops import FUNCTION_RULES, MODULE_RULES
+        >>> FUNCTION_RULES[torch.nn.functional.fold] is MODULE_RULES[torch.nn.Fold] is col2im
+        True
+    """
+    x = arg(node, 0, "input")
+    v, in_shape, out_shape = an.tensor_info(x), an.shape(x), an.shape(node)
+    if v is None or not is_tensor_shape(in_shape) or not is_tensor_shape(out_shape) \
+            or len(in_shape) not in (2, 3) or len(out_shape) != len(in_shape) + 1:
+        return opaque(an, node)
+    c = len(in_shape) - 2
+    if v.dim < c:
+        return ChannelInfo(v.dim, v.units)
+    if v.dim > c:
+        return opaque(an, node, f"{describe(node)} sums sliding blocks whose positions lie on the channel "
+                                f"dim {v.dim}: its channels mix into overlapping windows")
+    k, rest = divmod(in_shape[c], out_shape[c])
+    if rest:
+        return opaque(an, node)
+    blocks = [v.units[i * k:(i + 1) * k] for i in range(out_shape[c])]
+    roots = an.units.root_tensor()
+    split = [b for b in blocks if k > 1 and bool((roots[list(b)] != roots[b[0]]).any())]
+    if split:
+        why = (f"{describe(node)} sums blocks of {k} entries of dim {c} into one output channel: "
+               "each block goes whole")
+        an.units.union([u for b in split for u in b], [b[0] for b in split for _ in b], "group-structure", why)
+    return ChannelInfo(c, tuple(b[0] for b in blocks))
 
 
 def tensor_unfold(an: Analysis, node: fx.Node) -> Any:
