@@ -26,7 +26,8 @@ from typing import Any, Sequence
 
 import torch.fx as fx
 
-from . import param_expr as PE
+from . import param_use as PU
+from .param_expr import ParamExpr
 from . import rules as R
 from .state import Analysis, ChannelInfo, ParamRef
 
@@ -96,18 +97,21 @@ def conv_functional(an: Analysis, node: fx.Node, spatial: int, transposed: bool 
     A weight computed from a parameter row by row (timm's ``StdConv2d``/``ScaledStdConv2d``,
     see ``param_expr``) slices that parameter like a plain weight."""
     groups = R.arg(node, 6, "groups", 1)
-    weight, expr = PE.weight_of(an, node)
+    weight, expr = PU.weight_of(an, node)
     b_node = R.arg(node, 2, "bias")
     b = an.value(b_node) if b_node is not None else None
     bias = b.target if isinstance(b, ParamRef) else None
+    bexpr = b if isinstance(b, ParamExpr) else None  # a bias computed from parameters (param_use)
     x = R.arg(node, 0, "input")
     follows = _reads_channels(groups, x)  # groups=x.shape[1]: depthwise at any width
     if follows:
         groups = an.shape(x)[1]
-    if weight is None or (b_node is not None and bias is None) or not isinstance(groups, int) \
+    if weight is None or (b_node is not None and bias is None and bexpr is None) or not isinstance(groups, int) \
             or R.ndim(an, x) != spatial + 2:
+        detail = PU.operand_reason(an, node)
         return R.opaque(an, node, f"{R.describe(node)}: weights must be get_attr parameters (or computed from "
-                                  "one row by row), groups an int or the input's channel count")
+                                  "one row by row), groups an int or the input's channel count"
+                                  + (f"; {detail}" if detail else ""))
     w = an.param_tensor(weight).shape
     cin, cout = (w[0], w[1] * groups) if transposed else (w[1] * groups, w[0])
     v = an.tensor_info(x)
@@ -126,9 +130,22 @@ def conv_functional(an: Analysis, node: fx.Node, spatial: int, transposed: bool 
     else:
         out = grouped(an, node, x, weight, bias, weight, groups, transposed, cin, cout)
         columns = v.units if v is not None and v.dim == 1 and len(v.units) == cin else None
-    if expr is not None and isinstance(out, ChannelInfo):
-        PE.declare(an, node, expr, weight, out.units, columns)
+    if isinstance(out, ChannelInfo):
+        _declare_computed(an, node, expr, bexpr, weight, out, columns, transposed, v, cin, groups)
     return out
+
+
+def _declare_computed(an: Analysis, node: fx.Node, expr: Any, bexpr: Any, weight: str, out: ChannelInfo,
+                      columns: Any, transposed: bool, v: Any, cin: int, groups: int) -> None:
+    """A computed weight's rows are the output channels, a transposed convolution's the input
+    channels (its row entries are then output channels); a computed bias follows the outputs."""
+    if expr is not None and transposed:
+        rows = v.units if v is not None and v.dim == 1 and len(v.units) == cin else None
+        PU.declare(an, node, expr, weight, rows, None if groups == cin else out.units)
+    elif expr is not None:
+        PU.declare(an, node, expr, weight, out.units, columns)
+    if bexpr is not None:
+        PU.declare(an, node, bexpr, None, out.units, None)
 
 
 def _reads_channels(size: Any, x: Any) -> bool:

@@ -15,10 +15,19 @@ the kept weights, so a group whose channels the convolution consumes through suc
 approximate, with the reason; a depthwise convolution has one input channel per row and stays
 exact.
 
-A chain is adopted only when every node of it is in :data:`CHAIN_OPS`, reads only parameters and
-other chain nodes, and feeds only chain nodes or a convolution that takes it as its weight
-(:func:`chains`, computed once per graph before the rules run); anything else keeps the ordinary
-rules, which block it.
+A bias (or a per-row table) may also be laid end to end from several sources along its rows: BEiT's,
+EVA's and Swin v2's attention compute ``torch.cat((self.q_bias, self.k_bias, self.v_bias))`` (``k_bias``
+a zero buffer; older versions ``torch.zeros_like(self.v_bias)``) and hand it to ``F.linear``. Each
+source then covers a segment of the rows (``start`` in :attr:`ParamExpr.sources`), a constant made by
+``torch.zeros(n)`` / ``x.new_zeros(n)`` covers its segment with its size literal, which the rewrite
+sets to the kept count (:attr:`ParamExpr.literals`).
+
+A chain is adopted only when every node of it is in :data:`CHAIN_OPS` (or makes a constant,
+:data:`CREATION_OPS`), reads only parameters and other chain nodes, and feeds only chain nodes or a
+linear/convolution that takes it as its weight or bias (:data:`CONSUMERS`; :func:`chains`, computed
+once per graph before the rules run); anything else keeps the ordinary rules, which block it, and
+:func:`not_rowwise` names the node where the rows stop being apart. The consumer side (what a layer
+declares for such a weight or bias) is in :mod:`fxprune.coupling.param_use`.
 
 Example:
     >>> import torch, fxprune, torch.nn.functional as F
@@ -45,7 +54,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import rules as R
-from .state import Analysis, ParamRef
+from .state import Analysis
+from .tensor_rules import CREATION_SIZE, creation_size
 from ..shapes import is_tensor_shape
 
 
@@ -54,11 +64,15 @@ class ParamExpr:
     """A tensor computed from parameters keeping the rows of ``sources`` apart.
 
     ``row_dim`` is where the rows lie in this value (None: no rows, a constant); ``sources`` are
-    ``(parameter, dim of its rows)``; ``literals`` are ``(reshape node, shape entry)`` holding the
-    row count as a literal; ``mixes`` says why the entries of a row are mixed (None: they are not).
+    ``(parameter, dim of its rows, start)``: rows ``start, start + 1, ...`` of this value come from
+    that parameter's rows in order; ``literals`` are ``(node, kind, entry, start, count)``: a literal
+    at ``entry`` of ``node``'s shape or size holding the count of rows ``start .. start + count``
+    (``kind`` the rewriter in ``fxprune.rewrite.literals``: ``"shape_entry"`` for a reshape,
+    ``"creation_size"`` for ``torch.zeros``); ``mixes`` says why the entries of a row are mixed
+    (None: they are not).
 
     Example:
-        >>> e = ParamExpr((4, 3), 0, (("w", 0),))
+        >>> e = ParamExpr((4, 3), 0, (("w", 0, 0),))
         >>> e.rows
         4
     """
@@ -81,12 +95,16 @@ def _leaf(an: Analysis, target: str) -> ParamExpr | None:
         return ParamExpr(shape, None)
     if not shape or shape[0] == 1:
         return None
-    return ParamExpr(shape, 0, ((target, 0),))
+    return ParamExpr(shape, 0, ((target, 0, 0),))
 
 
-def _merge(shape: tuple, row_dim: int | None, parts: list, mixes: str | None = None, literals: tuple = ()) -> ParamExpr:
-    sources = tuple(dict.fromkeys(s for p in parts for s in p.sources))
-    lits = tuple(dict.fromkeys(l for p in parts for l in p.literals)) + literals
+def _merge(shape: tuple, row_dim: int | None, parts: list, mixes: str | None = None, literals: tuple = (),
+           offsets: list | None = None) -> ParamExpr:
+    """One expression from ``parts``; ``offsets`` (one per part) move each part's rows (a concatenation)."""
+    offsets = offsets or [0] * len(parts)
+    sources = tuple(dict.fromkeys((t, d, s + o) for p, o in zip(parts, offsets) for t, d, s in p.sources))
+    lits = tuple(dict.fromkeys((n, k, j, s + o, c) for p, o in zip(parts, offsets)
+                               for n, k, j, s, c in p.literals)) + literals
     mix = next((p.mixes for p in parts if p.mixes), None) or mixes
     return ParamExpr(tuple(shape), row_dim, sources, lits, mix)
 
@@ -138,7 +156,7 @@ def _reshape(an: Analysis, node: fx.Node, ex: Callable) -> ParamExpr | None:
         if isinstance(s, int) and s not in (-1, 1):
             return None  # a literal column count would not follow pruned input channels
     if isinstance(entries[j], int) and entries[j] != -1:
-        literals = ((node, j),)
+        literals = ((node, "shape_entry", j, 0, out[j]),)
     return _merge(out, j, [e], literals=literals)
 
 
@@ -189,46 +207,96 @@ def _weight_norm(an: Analysis, node: fx.Node, ex: Callable) -> ParamExpr | None:
     return _merge(an.shape(node), 0, [v, g], mixes=why if any(s > 1 for s in v.shape[1:]) else None)
 
 
+def _cat(an: Analysis, node: fx.Node, ex: Callable) -> ParamExpr | None:
+    """``torch.cat`` along the rows: the parts' rows laid end to end (each part's sources and
+    literals move by the rows before it). Along another dim it would join columns: not followed."""
+    tensors, out = R.arg(node, 0, "tensors"), an.shape(node)
+    if not isinstance(tensors, (list, tuple)) or not tensors:
+        return None
+    d = R.norm_dim(R.arg(node, 1, "dim", 0), len(out))
+    parts = [ex(t) for t in tensors]
+    if any(p.row_dim != d or len(p.shape) != len(out) for p in parts):
+        return None
+    offsets = [sum(p.rows for p in parts[:i]) for i in range(len(parts))]
+    return _merge(out, d, parts, offsets=offsets)
+
+
+def _creation(an: Analysis, node: fx.Node) -> ParamExpr | None:
+    """``torch.zeros/ones/full/empty(size)``, ``x.new_zeros(size)``: the same value in every row.
+    Its rows are its first dim of more than one entry; their count must be a literal (the rewrite
+    sets it to the kept rows). ``x`` gives only the dtype and device."""
+    found, out = creation_size(node), an.shape(node)
+    if found is None or len(found[0]) != len(out):
+        return None
+    j = next((i for i, s in enumerate(out) if s != 1), None)
+    if j is None:
+        return ParamExpr(tuple(out), None)
+    if not isinstance(found[0][j], int):
+        return None
+    return ParamExpr(tuple(out), j, (), ((node, "creation_size", j, 0, out[j]),))
+
+
+CREATION_OPS = {f: _creation for f in CREATION_SIZE}
+
+
 _ELEMENTWISE = [operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub,
-                torch.mul, torch.div, torch.neg, torch.sqrt, torch.rsqrt, torch.abs, torch.exp, torch.square]
+                torch.mul, torch.div, torch.neg, torch.sqrt, torch.rsqrt, torch.abs, torch.exp, torch.square,
+                torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like]  # *_like: rows follow x
 CHAIN_OPS: dict[Any, Callable] = {
     **{f: _elementwise for f in _ELEMENTWISE},
     **{m: _elementwise for m in ("add", "sub", "mul", "div", "neg", "sqrt", "rsqrt", "abs", "exp", "square",
                                  "contiguous", "clone", "detach", "__add__", "__mul__", "__sub__", "__truediv__")},
     **{m: _reshape for m in ("reshape", "view", "reshape_as", "view_as")}, torch.reshape: _reshape,
     **{f: _reduction for f in (torch.mean, torch.var, torch.std, torch.sum, "mean", "var", "std", "sum")},
-    F.batch_norm: _batch_norm,
+    F.batch_norm: _batch_norm, torch.cat: _cat, torch.concat: _cat, torch.concatenate: _cat,
     torch._weight_norm: _weight_norm, torch.ops.aten._weight_norm.default: _weight_norm,
     **{getattr(getattr(torch.ops.aten, op), o): _reduction  # ATen reductions the export front end leaves
        for op, o in (("var", "dim"), ("var", "correction"), ("std", "dim"), ("std", "correction"))},
 }
 
-WEIGHT_CONSUMERS = {F.conv1d: 3, F.conv2d: 4, F.conv3d: 5}  # value: the weight's rank
+CONSUMERS = {  # layers that may take a computed weight or bias; value: the weight's rank
+    F.conv1d: 3, F.conv2d: 4, F.conv3d: 5, F.linear: 2,
+    F.conv_transpose1d: 3, F.conv_transpose2d: 4, F.conv_transpose3d: 5,  # rows: input channels
+}
 
 
 def _consumes(an: Analysis, user: fx.Node, node: fx.Node, e: ParamExpr) -> bool:
-    """``user`` is a convolution taking ``node`` as its weight, rows on dim 0 and shaped like one
-    parameter (the one its columns come from); every other source holds rows only."""
-    if user.op != "call_function" or user.target not in WEIGHT_CONSUMERS or R.arg(user, 1, "weight") is not node:
+    """``user`` is a layer of :data:`CONSUMERS` taking ``node`` as its weight (rows on dim 0 and
+    shaped like one parameter, the one its columns come from, every other source holding rows
+    only) or as its bias (one value per row)."""
+    if user.op != "call_function" or user.target not in CONSUMERS or user.args[:1] == (node,):
         return False
-    if user.args[:1] == (node,) or R.arg(user, 2, "bias") is node:
-        return False
-    return main_source(an, e) is not None and e.row_dim == 0 and len(e.shape) == WEIGHT_CONSUMERS[user.target]
+    weight, bias = R.arg(user, 1, "weight"), R.arg(user, 2, "bias")
+    if weight is node and bias is not node:
+        return main_source(an, e) is not None and e.row_dim == 0 and len(e.shape) == CONSUMERS[user.target]
+    return bias is node and weight is not node and e.row_dim == 0 and len(e.shape) == 1
 
 
 def main_source(an: Analysis, e: ParamExpr) -> str | None:
     """The source whose columns the value carries (shaped like it, rows on dim 0); None unless
-    exactly one, with every other source a per-row vector (one entry per row)."""
-    mains = [t for t, d in e.sources if d == 0 and tuple(an.param_tensor(t).shape) == e.shape]
-    rows_only = all(an.param_tensor(t).numel() == e.rows for t, d in e.sources if t not in mains)
+    exactly one, with every other source a per-row vector (one entry per row it covers)."""
+    mains = [t for t, d, s in e.sources if d == 0 and s == 0 and tuple(an.param_tensor(t).shape) == e.shape]
+    rows_only = all(an.param_tensor(t).numel() == an.param_tensor(t).shape[d]
+                    for t, d, _ in e.sources if t not in mains)
     return mains[0] if len(mains) == 1 and rows_only else None
 
 
-_CHAINS: "weakref.WeakKeyDictionary[Analysis, dict[str, ParamExpr]]" = weakref.WeakKeyDictionary()
+_CHAINS: "weakref.WeakKeyDictionary[Analysis, tuple[dict, dict]]" = weakref.WeakKeyDictionary()
+
+
+def _cached(an: Analysis) -> tuple[dict, dict]:
+    """(adopted chains, every row-wise expression) of ``an``'s graph, computed once."""
+    found = _CHAINS.get(an)
+    if found is None:
+        nodes = list(an.gm.graph.nodes)
+        exprs = _find(an, nodes)
+        found = (_prune(an, nodes, exprs), exprs)
+        _CHAINS[an] = found
+    return found
 
 
 def chains(an: Analysis) -> dict[str, ParamExpr]:
-    """``{node name: ParamExpr}`` of the nodes computing a convolution's weight row by row.
+    """``{node name: ParamExpr}`` of the nodes computing a layer's weight or bias row by row.
 
     Example:
         >>> import torch
@@ -242,18 +310,13 @@ def chains(an: Analysis) -> dict[str, ParamExpr]:
         >>> gm = torch.fx.symbolic_trace(W())
         >>> _ = propagate(gm, (torch.randn(1, 3, 2, 2),))
         >>> chains(Analysis(gm))["mul"].sources
-        (('w', 0), ('g', 0))
+        (('w', 0, 0), ('g', 0, 0))
     """
-    found = _CHAINS.get(an)
-    if found is None:
-        found = _find(an)
-        _CHAINS[an] = found
-    return found
+    return _cached(an)[0]
 
 
-def _find(an: Analysis) -> dict[str, ParamExpr]:
+def _find(an: Analysis, nodes: list) -> dict[str, ParamExpr]:
     exprs: dict[str, ParamExpr] = {}
-    nodes = list(an.gm.graph.nodes)
     for node in nodes:
         if node.op == "get_attr":
             try:
@@ -263,20 +326,25 @@ def _find(an: Analysis) -> dict[str, ParamExpr]:
             leaf = _leaf(an, node.target) if is_tensor else None
             if leaf is not None:
                 exprs[node.name] = leaf
-        elif node.op in ("call_function", "call_method") and node.target in CHAIN_OPS \
-                and node.all_input_nodes and all(a.name in exprs for a in node.all_input_nodes) \
-                and is_tensor_shape(an.shape(node)):
-            try:
+            continue
+        if node.op not in ("call_function", "call_method") or not is_tensor_shape(an.shape(node)):
+            continue
+        e = None
+        try:
+            if node.target in CREATION_OPS:  # its inputs give only a dtype, a device or a size
+                e = CREATION_OPS[node.target](an, node)
+            elif node.target in CHAIN_OPS and node.all_input_nodes \
+                    and all(a.name in exprs for a in node.all_input_nodes):
                 e = CHAIN_OPS[node.target](an, node, lambda a: exprs[a.name])
-            except (IndexError, TypeError, ValueError):
-                e = None
-            if e is not None:
-                exprs[node.name] = e
-    return _prune(an, nodes, exprs)
+        except (IndexError, TypeError, ValueError):
+            e = None
+        if e is not None:
+            exprs[node.name] = e
+    return exprs
 
 
 def _prune(an: Analysis, nodes: list, exprs: dict) -> dict[str, ParamExpr]:
-    """Keep the chain nodes whose every user is a chain node or a convolution consuming it."""
+    """Keep the chain nodes whose every user is a chain node or a layer consuming it."""
     chain = {n.name for n in nodes if n.name in exprs and n.op != "get_attr"}
     changed = True
     while changed:
@@ -284,8 +352,8 @@ def _prune(an: Analysis, nodes: list, exprs: dict) -> dict[str, ParamExpr]:
         for node in nodes:
             if node.name not in chain:
                 continue
-            ok = all(a.op == "get_attr" or a.name in chain for a in node.all_input_nodes) and node.users and all(
-                u.name in chain or _consumes(an, u, node, exprs[node.name]) for u in node.users)
+            ok = (node.target in CREATION_OPS or all(a.op == "get_attr" or a.name in chain for a in node.all_input_nodes)) \
+                and node.users and all(u.name in chain or _consumes(an, u, node, exprs[node.name]) for u in node.users)
             if not ok:
                 chain.discard(node.name)
                 changed = True
@@ -293,7 +361,7 @@ def _prune(an: Analysis, nodes: list, exprs: dict) -> dict[str, ParamExpr]:
 
 
 def chain_rule(an: Analysis, node: fx.Node) -> ParamExpr:
-    """The rule of a chain node: its expression (declares nothing; the convolution does)."""
+    """The rule of a chain node: its expression (declares nothing; the consuming layer does)."""
     return chains(an)[node.name]
 
 
@@ -308,30 +376,3 @@ def shape_entry(node: fx.Node, payload: tuple, kept: Callable) -> None:
         node.args = (node.args[0], type(node.args[1])(entries))
     else:
         node.args = (node.args[0], *entries)
-
-
-def declare(an: Analysis, node: fx.Node, e: ParamExpr, weight: str, out_units: tuple, in_units: tuple | None) -> None:
-    """What a convolution consuming ``e`` (its weight, rows = output channels) adds to the plan:
-    the per-row sources are passengers of the output channels, the literal row counts follow
-    them, and ``in_units`` (the input channels whose columns it slices, if any) are inexact when
-    the chain mixes the entries of a row."""
-    why = f"{R.describe(node)}: weight computed from {weight}"
-    for target, dim in e.sources:
-        if target != weight:
-            an.slice_param(target, dim, "passenger", out_units, weight, why)
-    for lit_node, j in e.literals:
-        an.rewrite_literal(lit_node, "shape_entry", (j, out_units))
-    if e.mixes and in_units:
-        an.units.mark_inexact(in_units, f"{e.mixes}: removing an input channel of {R.describe(node)} "
-                                        "changes the kept weights")
-
-
-def weight_of(an: Analysis, node: fx.Node) -> tuple[str | None, ParamExpr | None]:
-    """(parameter target, expression) of a convolution's weight argument: a plain parameter
-    (expression None), a chain's main source, or (None, None)."""
-    v = an.value(R.arg(node, 1, "weight"))
-    if isinstance(v, ParamRef):
-        return v.target, None
-    if isinstance(v, ParamExpr):
-        return main_source(an, v), v
-    return None, None

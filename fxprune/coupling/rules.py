@@ -336,8 +336,9 @@ def conv_functional(an: Analysis, node: fx.Node, spatial: int) -> Any:
 def linear_functional(an: Analysis, node: fx.Node) -> Any:
     weight, bias = _functional_params(an, node, 2)
     x = arg(node, 0, "input")
-    if weight is None:
-        return opaque(an, node, f"{describe(node)}: weight is not a get_attr parameter")
+    if weight is None:  # a weight or bias computed from parameters, or blocked with where it mixes rows
+        from .param_use import linear
+        return linear(an, node)
     nd = ndim(an, x)
     through = batch_dim_channels(an, node, x, nd - 1, (weight, bias)) if nd is not None else None
     if through is not None:

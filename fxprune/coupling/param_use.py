@@ -1,0 +1,184 @@
+"""Layers whose weight or bias is computed from parameters: what they declare (see ``param_expr``).
+
+``F.linear`` / ``F.conv*`` / ``F.conv_transpose*`` may read a weight or bias that a chain of
+:mod:`fxprune.coupling.param_expr` computes row by row. The layer slices the chain's sources
+instead of one parameter: each source ``(target, dim, start)`` follows the rows ``start ..`` of the
+layer's row units (output channels; input channels for a transposed convolution's weight), each
+literal row count (a reshape's entry, ``torch.zeros(n)``'s size) is rewritten to the kept count,
+and a chain mixing the entries of a row makes the channels of those entries approximate. A
+weight or bias that is no chain blocks the layer with :func:`not_rowwise`'s reason.
+
+Example (BEiT's attention: a zero key bias between two learned ones)::
+
+    >>> import torch, fxprune, torch.nn.functional as F
+    >>> class QKV(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.qkv = torch.nn.Linear(4, 6, bias=False)
+    ...         self.q_bias, self.v_bias = torch.nn.Parameter(torch.randn(2)), torch.nn.Parameter(torch.randn(2))
+    ...     def forward(self, x):
+    ...         b = torch.cat((self.q_bias, torch.zeros(2), self.v_bias))
+    ...         return F.linear(x, self.qkv.weight, b).relu() @ torch.ones(6, 3)
+    >>> p = fxprune.plan(QKV(), fxprune.Policy(ratio=0.5), (torch.randn(2, 4),))
+    >>> [(g.size, g.kept) for g in p.groups if g.removed]
+    [(6, 3)]
+    >>> sorted(t for t, _ in p.analysis.params if "bias" in t)
+    ['q_bias', 'v_bias']
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+
+from . import param_expr as PE
+from . import rules as R
+from .param_expr import ParamExpr
+from .state import Analysis, ChannelInfo, ParamRef
+
+
+def not_rowwise(an: Analysis, value: fx.Node) -> str:
+    """Why the value of node ``value`` (a layer's weight or bias) is no chain: the first node on
+    its way from the parameters where the rows stop being apart, a model input it reads, or the
+    other readers of an expression that is row-wise.
+
+    Example:
+        >>> import torch
+        >>> from fxprune.shapes import propagate
+        >>> class Gram(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = torch.nn.Parameter(torch.randn(4, 4))
+        ...     def forward(self, x):
+        ...         return torch.nn.functional.linear(x, torch.matmul(self.w, self.w))
+        >>> gm = torch.fx.symbolic_trace(Gram())
+        >>> _ = propagate(gm, (torch.randn(2, 4),))
+        >>> not_rowwise(Analysis(gm), list(gm.graph.nodes)[-2].args[1])
+        "is computed at node 'matmul' (call_function matmul), which is not in param_expr's row-wise op table"
+    """
+    adopted, exprs = PE._cached(an)
+    if value.name in exprs:
+        e = exprs[value.name]
+        others = [R.describe(u) for u in value.users if u.name not in adopted and not PE._consumes(an, u, value, e)]
+        if others:
+            return f"is computed row by row at node {value.name!r} but also read by {', '.join(others)}"
+        return (f"is computed row by row at node {value.name!r}, but its rows (shape {e.shape}, rows on dim "
+                f"{e.row_dim}) are not one parameter's rows on dim 0 with per-row factors")
+    todo, seen = [value], set()
+    while todo:  # depth first towards the parameters: the earliest node that is not row-wise
+        n = todo.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.op == "placeholder":
+            return f"is computed from model input {n.name!r}"
+        later = [a for a in n.all_input_nodes if a.name not in exprs] if n.target not in PE.CREATION_OPS else []
+        if later:
+            todo.extend(later)
+            continue
+        known = n.target in PE.CHAIN_OPS or n.target in PE.CREATION_OPS
+        how = "does not keep the rows (output channels) of its parameters apart" if known \
+            else "is not in param_expr's row-wise op table"
+        return f"is computed at node {n.name!r} ({R.describe(n).split(' at node ')[0]}), which {how}"
+    return "is not a get_attr parameter"
+
+
+def operand_reason(an: Analysis, node: fx.Node) -> str:
+    """Why a layer's weight or bias (arguments 1 and 2) is neither a parameter nor a chain ("" if both are).
+
+    Example:
+        >>> import torch
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Identity())
+        >>> operand_reason(Analysis(gm), list(gm.graph.nodes)[0])
+        ''
+    """
+    for pos, what in ((1, "weight"), (2, "bias")):
+        a = R.arg(node, pos, what)
+        if isinstance(a, fx.Node) and not isinstance(an.value(a), (ParamRef, ParamExpr)):
+            return f"its {what} {not_rowwise(an, a)}"
+    return ""
+
+
+def weight_of(an: Analysis, node: fx.Node) -> tuple[str | None, ParamExpr | None]:
+    """(parameter target, expression) of a layer's weight argument: a plain parameter
+    (expression None), a chain's main source, or (None, None).
+
+    Example:
+        >>> import torch
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Identity())
+        >>> weight_of(Analysis(gm), list(gm.graph.nodes)[0])
+        (None, None)
+    """
+    v = an.value(R.arg(node, 1, "weight"))
+    if isinstance(v, ParamRef):
+        return v.target, None
+    if isinstance(v, ParamExpr):
+        return PE.main_source(an, v), v
+    return None, None
+
+
+def declare(an: Analysis, node: fx.Node, e: ParamExpr, weight: str | None, rows: tuple | None,
+            columns: tuple | None) -> None:
+    """What a layer consuming ``e`` (its weight, main source ``weight``, or its bias: ``weight``
+    None) adds to the plan: every other source follows its segment of ``rows`` (the units of
+    the value's rows; None: they never shrink), the literal row counts follow them, and
+    ``columns`` (the channels of a row's entries the layer slices, if any) are inexact when the
+    chain mixes the entries of a row.
+
+    Example:
+        >>> import torch
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Identity())
+        >>> declare(Analysis(gm), list(gm.graph.nodes)[0], ParamExpr((2,), None), None, None, None)
+    """
+    what = f"weight computed from {weight}" if weight else "bias computed from parameters"
+    why = f"{R.describe(node)}: {what}"
+    if rows is not None:
+        owner = weight or next((t for t, _, _ in e.sources), node.name)
+        for target, dim, start in e.sources:
+            if target != weight:
+                n = an.param_tensor(target).shape[dim]
+                an.slice_param(target, dim, "passenger", rows[start:start + n], owner, why)
+        for lit, kind, j, start, count in e.literals:
+            _literal(an, lit, kind, j, tuple(rows[start:start + count]), why)
+    if e.mixes and columns:
+        an.units.mark_inexact(columns, f"{e.mixes}: removing a channel that {R.describe(node)} slices in each "
+                                       "weight row changes the kept weights")
+
+
+def _literal(an: Analysis, lit: fx.Node, kind: str, j: int, units: tuple, why: str) -> None:
+    """Ask for ``lit``'s literal entry ``j`` to become the kept count of ``units``; a literal read
+    for a second layer couples the two unit ranges (one size for both)."""
+    prior = an.literals.get(lit.name)
+    if prior is not None and prior[0] == kind:
+        old = prior[1][1] if kind == "shape_entry" else prior[1][0]
+        an.units.union(old, units, "shared", f"size literal of node {lit.name!r} read for several layers ({why})")
+        return
+    an.rewrite_literal(lit, kind, (j, units) if kind == "shape_entry" else (units, j))
+
+
+def linear(an: Analysis, node: fx.Node) -> Any:
+    """``F.linear`` whose weight or bias is computed (a chain of ``param_expr``): as a linear on
+    parameters, the chain's sources following the output channels; otherwise blocked, naming
+    where the rows stop being apart."""
+    why = operand_reason(an, node)
+    x, w_node, b_node = R.arg(node, 0, "input"), R.arg(node, 1, "weight"), R.arg(node, 2, "bias")
+    nd = R.ndim(an, x)
+    if why or nd is None:
+        return R.opaque(an, node, f"{R.describe(node)}: {why or 'its input has no known shape'}")
+    weight, wexpr = weight_of(an, node)
+    b = an.value(b_node) if b_node is not None else None
+    bias, bexpr = (b.target, None) if isinstance(b, ParamRef) else (None, b)
+    if weight is None:
+        return R.opaque(an, node, f"{R.describe(node)}: its weight {not_rowwise(an, w_node)}")
+    params = (weight, bias, *(t for e in (wexpr, bexpr) if e is not None for t, _, _ in e.sources))
+    through = R.batch_dim_channels(an, node, x, nd - 1, params)
+    if through is not None:
+        return through
+    out = R.contract(an, node, x, nd - 1, weight, 1, 0, an.param_tensor(weight).shape[0], bias, weight, nd - 1)
+    if isinstance(out, ChannelInfo):
+        v = an.tensor_info(x)
+        if wexpr is not None:
+            declare(an, node, wexpr, weight, out.units, v.units if v is not None and v.dim == nd - 1 else None)
+        if bexpr is not None:
+            declare(an, node, bexpr, None, out.units, None)
+    return out
