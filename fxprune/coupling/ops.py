@@ -296,3 +296,12 @@ FUNCTION_RULES.update({
 })
 METHOD_RULES["repeat_interleave"] = RP.repeat_interleave
 MODULE_RULES[nn.Fold] = RR.col2im
+
+
+# -- recurrent layers: input features consumed by weight_ih_l0, hidden units pinned ----------
+from . import rnn_rules as RNN  # noqa: E402
+
+MODULE_RULES.update({nn.LSTM: RNN.rnn_module, nn.GRU: RNN.rnn_module, nn.RNN: RNN.rnn_module})
+FUNCTION_RULES.update({op: RNN.rnn_aten for op in RNN.ATEN_OPS})  # torch.export's aten.lstm.input, ...
+FUNCTION_RULES[torch.permute] = METHOD_RULES["permute"] = RP.permute  # a permuted parameter table too
+_lookup.install(layout={"permute": RP.permute, "transpose": L.transpose})

@@ -116,6 +116,14 @@ def _multihead_attention(m: nn.Module, before: dict) -> None:
                 m.in_proj_bias[:width].mul_(scale)
 
 
+def _rnn(m: nn.Module, before: dict) -> None:
+    """LSTM/GRU/RNN: ``input_size`` follows ``weight_ih_l0``'s columns, and the cached flat weight
+    list (read by forward and TorchScript) is rebuilt, since a replaced parameter bypasses the
+    module's ``__setattr__`` that would update it."""
+    m.input_size = m.weight_ih_l0.shape[1]
+    m._init_flat_weights()
+
+
 FIXERS: dict[type, Callable[[nn.Module, dict], None]] = {
     nn.MultiheadAttention: _multihead_attention,
     nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv,
@@ -126,6 +134,7 @@ FIXERS: dict[type, Callable[[nn.Module, dict], None]] = {
     nn.GroupNorm: _group_norm, nn.LayerNorm: _layer_norm, nn.RMSNorm: _layer_norm, nn.PReLU: _prelu,
     nn.ChannelShuffle: lambda m, before: setattr(m, "groups", before.get("kept", m.groups)),
     nn.Embedding: lambda m, before: setattr(m, "embedding_dim", m.weight.shape[1]),
+    nn.RNNBase: _rnn,  # nn.LSTM, nn.GRU, nn.RNN (found through the type's __mro__)
 }
 
 SIZE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
