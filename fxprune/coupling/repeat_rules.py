@@ -11,6 +11,10 @@
   computed at run time (it may follow a pruned width), or without ``dim`` (the input is
   flattened first, mixing the channel dim with the others): blocked, with the reason.
 
+The module also holds ``permute`` of a parameter table (a position embedding ``(1, L, C)``
+permuted to ``(1, C, L)`` so ``F.interpolate`` resamples ``L``, as timm's NaFlexViT does): the
+table's channel dim is the one that the ops after it keep as their channel dim.
+
 Example:
     >>> import torch, fxprune
     >>> class Net(torch.nn.Module):
@@ -29,8 +33,14 @@ from typing import Any
 
 import torch.fx as fx
 
+from . import layout_rules as L
+from . import lookup
+from . import rules as R
+from . import table_rules as TB
+from .regrid import _consumer_dims
 from .rules import arg, describe, ndim, norm_dim, opaque
-from .state import Analysis, ChannelInfo
+from .state import Analysis, ChannelInfo, ParamRef
+from .tensor_rules import param_channels
 from ..shapes import is_tensor_shape
 
 _OUTPUT_SIZE_POS = 3  # (input, repeats, dim, output_size): keyword-only, at 3 where given by position
@@ -88,3 +98,63 @@ def repeat_interleave(an: Analysis, node: fx.Node) -> Any:
     if arg(node, _OUTPUT_SIZE_POS, "output_size") is not None:
         an.rewrite_literal(node, "count", (_OUTPUT_SIZE_POS, "output_size", units))
     return ChannelInfo(d, units)
+
+
+# -- a parameter table permuted ------------------------------------------------------------
+_LOOKAHEAD = 4
+
+
+def _reads_dim_one(an: Analysis, node: fx.Node, depth: int = _LOOKAHEAD) -> bool:
+    """Whether a resize (``F.interpolate``: it keeps dims 0 and 1 and resamples the rest) reads
+    ``node``'s output, directly or through elementwise ops (``.to``, ``.float()``)."""
+    for user in node.users:
+        rule = lookup.rule_for(an, user)
+        rule = getattr(rule, "func", rule)
+        if rule is TB.resize and user.args and user.args[0] is node:
+            return True
+        if depth and rule in (R.elementwise, TB.param_copy) and _reads_dim_one(an, user, depth - 1):
+            return True
+    return False
+
+
+def permute(an: Analysis, node: fx.Node) -> Any:
+    """``permute``: a tensor's channel dim moves with the permutation (``layout_rules.permute``).
+    A parameter permuted is a table used as data: its channel dim is the output dim that the
+    ops after it read as their channel dim (a resize's dim 1, a conv's dim 1, a linear's last
+    dim), a passenger of the channels it is later added to; where no later op shows one, it
+    blocks with the reason.
+
+    Example:
+        >>> import torch, fxprune
+        >>> class Pos(torch.nn.Module):   # timm NaFlexViT's factorized position table, resampled
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = torch.nn.Linear(3, 6), torch.nn.Linear(6, 2)
+        ...         self.pos = torch.nn.Parameter(torch.randn(1, 4, 6))
+        ...     def forward(self, x):
+        ...         t = torch.nn.functional.interpolate(self.pos.permute(0, 2, 1), size=8, mode="linear")
+        ...         return self.b(self.a(x) + t.permute(0, 2, 1))
+        >>> pruned = fxprune.transform(Pos(), fxprune.Policy(ratio=0.5), (torch.randn(1, 8, 3),))
+        >>> tuple(pruned.pos.shape), fxprune.verify(pruned).ok
+        ((1, 4, 3), True)
+    """
+    x = arg(node, 0, "input")
+    p = an.value(x)
+    if not isinstance(p, ParamRef):
+        return L.permute(an, node)
+    shape = tuple(an.param_tensor(p.target).shape)
+    dims = node.args[1:] if node.op == "call_method" else (arg(node, 1, "dims"),)
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    if not dims or not all(isinstance(d, int) for d in dims) or len(dims) != len(shape):
+        return opaque(an, node, f"{describe(node)}: its dims are not literal ints")
+    dims = [norm_dim(d, len(shape)) for d in dims]
+    want, _ = _consumer_dims(an, node, len(shape))
+    if len(shape) >= 3 and _reads_dim_one(an, node):
+        want.add(1)
+    wide = [d for d in want if shape[dims[d]] > 1]
+    if len(wide) != 1:
+        return opaque(an, node, f"{describe(node)} permutes parameter {p.target!r} of shape {shape}: "
+                                "no later op shows which of its dims carries channels")
+    d = wide[0]
+    return ChannelInfo(d, param_channels(an, p.target, dims[d], describe(node)))
