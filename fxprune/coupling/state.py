@@ -196,9 +196,15 @@ class Analysis:
         return self.units.new_atom(key, size, "producer")
 
     def param_tensor(self, target: str) -> torch.Tensor:
-        *path, name = target.split(".")
-        owner = self.gm.get_submodule(".".join(path)) if path else self.gm
-        return getattr(owner, name)
+        """The tensor at ``target`` ("path.to.module.name"), read from the module table (rules ask
+        for the same few tensors many times; ``get_submodule`` walks the path every time)."""
+        path, _, name = target.rpartition(".")
+        owner = self.modules.get(path)
+        if owner is None:
+            owner = self.gm.get_submodule(path)
+        value = owner._parameters.get(name) if name in owner._parameters else owner._buffers.get(name)
+        return value if value is not None or name in owner._parameters or name in owner._buffers \
+            else getattr(owner, name)
 
     def shape(self, node: fx.Node) -> Any:
         return shape(node)
