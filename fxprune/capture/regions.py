@@ -10,9 +10,12 @@ submodule graph (a ``get_attr`` GraphModule argument), whose outputs are read by
 Such a call would be one opaque op, blocking every channel through it. Where the region cannot
 change the forward values it is *inlined*: the body's ops take its place in the outer graph,
 so they reach the op table like any other op. Grad mode never changes forward values; an
-autocast region with ``enabled=False`` runs its ops in the dtypes they get, which is exactly
-what the inlined ops do (fxprune's captures carry no enclosing autocast). An enabled autocast
-region changes dtypes, so it stays as it is and blocks with ``region_reason``'s reason.
+autocast region with ``enabled=False`` runs its ops in the dtypes they get. Its inlined ops are
+bracketed by ``torch.amp._enter_autocast(device, dtype, False, cache)`` and
+``torch.amp._exit_autocast`` nodes (the form dynamo's graphs use; torch.fx counts both as side
+effects, so no pass drops them): a pruned module run under a caller's enabled autocast keeps
+those ops out of it, as the original does. An enabled autocast region changes dtypes, so it
+stays as it is and blocks with ``region_reason``'s reason.
 
 Example:
     >>> import torch
@@ -131,6 +134,7 @@ def _splice(gm: fx.GraphModule, node: fx.Node, body: fx.GraphModule, operands: t
     env: dict[fx.Node, Any] = dict(zip(placeholders, operands))
     outputs: Any = None
     with gm.graph.inserting_before(node):
+        context = _enter_disabled_autocast(gm, node)
         for inner in body.graph.nodes:
             if inner.op == "placeholder":
                 continue
@@ -140,7 +144,18 @@ def _splice(gm: fx.GraphModule, node: fx.Node, body: fx.GraphModule, operands: t
                 env[inner] = gm.graph.get_attr(_adopt(gm, _attr(body, inner.target), inner.target))
             else:
                 env[inner] = gm.graph.node_copy(inner, lambda n: env[n])
+        if context is not None:
+            gm.graph.call_function(torch.amp._exit_autocast, (context,))
     return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+
+
+def _enter_disabled_autocast(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """For a disabled autocast region, the node entering it again in the outer graph (its ops
+    follow, then ``_exit_autocast``); None for a grad-mode region (no forward effect)."""
+    if node.target is not AUTOCAST:
+        return None
+    device, dtype, enabled, cache = node.args[:4]
+    return gm.graph.call_function(torch.amp._enter_autocast, (device, dtype, enabled, cache))
 
 
 def _inline_one(gm: fx.GraphModule, node: fx.Node) -> bool:

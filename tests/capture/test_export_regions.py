@@ -109,3 +109,52 @@ def test_enabled_autocast_stays_and_blocks_with_its_reason():
                                    "torch.autocast('cpu', dtype=torch.bfloat16)"), cause.reason
     assert summary.blocked == 8  # the region's input and output channels (one group, y + z)
     assert fxprune.verify(fxprune.apply(plan), x).ok
+
+
+def _dtypes_under_autocast(module, x, names):
+    """Output dtype of each named submodule when ``module`` runs under an enabled bfloat16 autocast."""
+    seen = {}
+    hooks = [module.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.dtype))
+             for n in names]
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(*x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, out
+
+
+class AutocastOffFloat(AutocastOff):
+    """timm LiteMLA's full pattern: the region casts its input to float32 first."""
+
+    def forward(self, x):
+        y = self.stem(x)
+        with torch.autocast("cpu", enabled=False):
+            y = self.mid(y.float()).relu()
+            z = self.fc(y.mean((2, 3)))
+        return self.head(z)
+
+
+def test_inlined_disabled_autocast_still_keeps_its_ops_out_of_a_callers_autocast():
+    """The region's ops are bracketed by _enter_autocast/_exit_autocast nodes: under a caller's
+    bfloat16 autocast, the pruned module runs them in float32 as the original does, and the
+    brackets survive the rewrite and a re-export."""
+    torch.manual_seed(0)
+    model = AutocastOffFloat().eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    pruned = fxprune.transform(model, fxprune.Policy(ratio=0.5), x, capture="export")
+    targets = [n.target for n in pruned.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.amp._enter_autocast) == 1 and targets.count(torch.amp._exit_autocast) == 1
+    order = [n.target for n in pruned.graph.nodes if n.op == "call_module" or
+             n.target in (torch.amp._enter_autocast, torch.amp._exit_autocast)]
+    assert order == ["stem", torch.amp._enter_autocast, "mid", "fc", torch.amp._exit_autocast, "head"]
+    original, out = _dtypes_under_autocast(model, x, ["stem", "mid", "fc", "head"])
+    kept, pruned_out = _dtypes_under_autocast(pruned, x, ["stem", "mid", "fc", "head"])
+    assert original == kept == {"stem": torch.bfloat16, "mid": torch.float32, "fc": torch.float32,
+                                "head": torch.bfloat16}
+    assert pruned_out.dtype == out.dtype
+    assert not torch.is_autocast_enabled("cpu")  # every region entered was left
+    assert fxprune.verify(pruned, x).ok
+    again = torch.export.export(pruned, x, strict=False).module()
+    torch.testing.assert_close(again(*x), pruned(*x))
