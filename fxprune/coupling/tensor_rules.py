@@ -277,20 +277,11 @@ def matmul(an: Analysis, node: fx.Node) -> Any:
 
 
 def scaled_dot_product_attention(an: Analysis, node: fx.Node) -> Any:
-    """``F.scaled_dot_product_attention(q, k, v)``: heads (batch dims) and value channels pass
-    through; removing query/key channels changes the default 1/sqrt(E) scale (approximate)."""
-    q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
-    nd = ndim(an, q)
-    if nd is None or nd < 2 or ndim(an, k) != nd or ndim(an, v) != nd:
-        return opaque(an, node)
-    batch = string.ascii_lowercase[: nd - 2]
-    operands = [(q, batch + "LE"), (k, batch + "SE"), (v, batch + "SF")]
-    mask = arg(node, 3, "attn_mask")
-    if isinstance(mask, fx.Node) and ndim(an, mask):
-        operands.append((mask, (batch + "LS")[-ndim(an, mask):]))
-    scaled = "the default softmax scale 1/sqrt(E) follows the query width" if arg(node, 6, "scale") is None else None
-    return contract_labels(an, node, operands, batch + "LF", inexact_if_contracted=scaled)
-
+    """``F.scaled_dot_product_attention(q, k, v)``: heads (batch dims), the query/key width and
+    the value width; the rule lives in ``sdpa_rules`` (this name keys the op table and the
+    attention mask's lookup in ``_met_channels``)."""
+    from .sdpa_rules import attention
+    return attention(an, node)
 
 
 # -- creation ops: a constant tensor whose size meets channels downstream -------------------

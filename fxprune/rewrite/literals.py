@@ -30,6 +30,7 @@ from ..coupling.tensor_rules import set_creation_size
 from ..shapes import shape
 from .window_attention import inline as inline_window_attention
 from .attention import decompose as decompose_attention, repeat_kv
+from .sdpa_scale import keep_scale as sdpa_scale
 
 
 def _set_arg(node: fx.Node, pos: int, name: str, value: Any) -> None:
@@ -187,6 +188,7 @@ REWRITERS: dict[str, Callable[[fx.Node, Any, Callable], None]] = {
     "window_attention": inline_window_attention,
     "shape_entry": shape_entry,  # a computed weight's literal row count (coupling/param_expr.py)
     "scatter_bounds": scatter_bounds,  # slice_scatter on the channel dim (coupling/slice_rules.py)
+    "sdpa_scale": sdpa_scale,  # the original softmax scale of a cut query width (coupling/sdpa_rules.py)
 }
 
 
