@@ -216,3 +216,34 @@ def test_bias_table_gathered_by_index_follows_the_heads(capture):
     assert not _blocked(plan)
     assert 0 < pruned.attention_biases.shape[0] < 4
     assert pruned.qkv.out_features == 3 * 3 * pruned.attention_biases.shape[0]
+
+
+class SlicedPositionTable(nn.Module):
+    """A ViT's position table ``(1, 1 + N, C)``: the class token's row and the patch rows are
+    sliced apart (the patch rows resized through a (1, C, h, w) view, as timm's dynamic image
+    size does), joined again and added to the tokens; the hidden width C is pruned."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.embed = nn.Linear(3, dim)
+        self.pos = nn.Parameter(torch.randn(1, 1 + 9, dim))
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, 16), nn.GELU(), nn.Linear(16, dim))
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        tokens = self.embed(x.flatten(2).transpose(1, 2))  # (B, 9, C)
+        grid = self.pos[:, 1:].reshape(1, 3, 3, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(3, 3), mode="bilinear", align_corners=False)
+        pos = torch.cat([self.pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, 9, -1)], dim=1)
+        y = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1) + pos
+        y = y + self.mlp(y)
+        return self.head(y[:, 0])
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_a_sliced_position_table_is_a_per_channel_table_on_its_last_dim(capture):
+    plan, pruned = _prune(SlicedPositionTable(), (torch.randn(2, 3, 3, 3),), capture, ratio=0.5)
+    assert not _blocked(plan)
+    hidden = pruned.embed.out_features
+    assert hidden < 8 and pruned.pos.shape == (1, 10, hidden) and pruned.cls.shape == (1, 1, hidden)
