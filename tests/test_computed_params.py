@@ -215,3 +215,62 @@ def test_timm_beit_attention_prunes_its_heads(capture):
     shapes = _shapes(pruned)
     q = shapes["blocks.0.attn.q_bias"][0]
     assert q < 64 and shapes["blocks.0.attn.qkv.weight"][0] == 3 * q == 3 * shapes["blocks.0.attn.v_bias"][0]
+
+
+class CosineHeads(nn.Module):
+    """Swin v2's cosine attention: the qkv bias by cat, scores scaled per head by
+    ``clamp(logit_scale, max=...).exp()`` (a (heads, 1, 1) vector computed from a parameter)."""
+
+    def __init__(self, dim: int = 8, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+        self.logit_scale = nn.Parameter(torch.rand(heads, 1, 1) + 1)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = (attn * torch.clamp(self.logit_scale, max=4.6).exp()).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_scores_scaled_per_head_by_a_computed_vector(capture):
+    plan, pruned = _exact(CosineHeads(), (torch.randn(2, 5, 8),), capture)
+    assert not plan.blocked_ops
+    shapes = _shapes(pruned)
+    assert shapes["logit_scale"][0] < 4 and shapes["q_bias"][0] == 2 * shapes["logit_scale"][0]
+
+
+@pytest.mark.parametrize("how", ["read_elsewhere", "only_here"])
+def test_a_computed_vector_on_another_dim_keeps_its_shape(how):
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.s, self.out = nn.Linear(3, 4), nn.Parameter(torch.rand(5, 1) + 1), nn.Linear(4, 2)
+
+        def forward(self, x):  # x: (5, 3); s scales the 5 rows (tokens), not the 4 channels
+            h = F.relu(self.inp(x)) * self.s.exp()
+            return self.out(h) + (self.s.exp().sum() if how == "read_elsewhere" else 0)
+
+    plan, pruned = _exact(Scale(), (torch.randn(5, 3),), "fx")
+    assert _shapes(pruned)["s"] == (5, 1) and _shapes(pruned)["inp.weight"][0] < 4
+
+
+def test_timm_swinv2_heads_and_qkv_bias():
+    pytest.importorskip("timm")
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+    torch.manual_seed(0)
+    model = SwinTransformerV2(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1),
+                              num_heads=(2, 4), num_classes=5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_bias", "v_bias")):
+                p.normal_()
+    plan, pruned = _exact(model, (torch.randn(1, 3, 32, 32),), "fx")
+    assert not plan.blocked_ops
+    assert _shapes(pruned)["layers.1.blocks.0.attn.logit_scale"][0] < 4

@@ -241,11 +241,13 @@ CREATION_OPS = {f: _creation for f in CREATION_SIZE}
 
 _ELEMENTWISE = [operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub,
                 torch.mul, torch.div, torch.neg, torch.sqrt, torch.rsqrt, torch.abs, torch.exp, torch.square,
-                torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like]  # *_like: rows follow x
+                torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like,  # *_like: rows follow x
+                torch.clamp, torch.clip, torch.sigmoid, torch.tanh, torch.log, torch.reciprocal, F.softplus]
 CHAIN_OPS: dict[Any, Callable] = {
     **{f: _elementwise for f in _ELEMENTWISE},
     **{m: _elementwise for m in ("add", "sub", "mul", "div", "neg", "sqrt", "rsqrt", "abs", "exp", "square",
-                                 "contiguous", "clone", "detach", "__add__", "__mul__", "__sub__", "__truediv__")},
+                                 "contiguous", "clone", "detach", "__add__", "__mul__", "__sub__", "__truediv__",
+                                 "clamp", "clamp_min", "clamp_max", "clip", "sigmoid", "tanh", "log", "reciprocal")},
     **{m: _reshape for m in ("reshape", "view", "reshape_as", "view_as")}, torch.reshape: _reshape,
     **{f: _reduction for f in (torch.mean, torch.var, torch.std, torch.sum, "mean", "var", "std", "sum")},
     F.batch_norm: _batch_norm, torch.cat: _cat, torch.concat: _cat, torch.concatenate: _cat,
@@ -260,16 +262,32 @@ CONSUMERS = {  # layers that may take a computed weight or bias; value: the weig
 }
 
 
-def _consumes(an: Analysis, user: fx.Node, node: fx.Node, e: ParamExpr) -> bool:
+def _consumes(an: Analysis, user: fx.Node, node: fx.Node, e: ParamExpr, exprs: dict) -> bool:
     """``user`` is a layer of :data:`CONSUMERS` taking ``node`` as its weight (rows on dim 0 and
     shaped like one parameter, the one its columns come from, every other source holding rows
-    only) or as its bias (one value per row)."""
+    only) or as its bias (one value per row), or an elementwise op scaling or shifting a tensor
+    that is not computed from parameters by a vector of one value per row (Swin v2's
+    ``attn * logit_scale.clamp(max=...).exp()``, ``logit_scale`` of shape (heads, 1, 1))."""
+    if _elementwise_user(user):
+        return e.row_dim is not None and math.prod(e.shape) == e.rows > 1 \
+            and any(a.op != "get_attr" and a.name not in exprs for a in user.all_input_nodes)
     if user.op != "call_function" or user.target not in CONSUMERS or user.args[:1] == (node,):
         return False
     weight, bias = R.arg(user, 1, "weight"), R.arg(user, 2, "bias")
     if weight is node and bias is not node:
         return main_source(an, e) is not None and e.row_dim == 0 and len(e.shape) == CONSUMERS[user.target]
     return bias is node and weight is not node and e.row_dim == 0 and len(e.shape) == 1
+
+
+def _elementwise_user(user: fx.Node) -> bool:
+    """``user``'s rule is the broadcasting elementwise rule (``rules.elementwise``)."""
+    from . import ops  # loaded by now: it imports this module while it loads
+    table = {"call_function": ops.FUNCTION_RULES, "call_method": ops.METHOD_RULES}.get(user.op, {})
+    return user.target in _SCALINGS and table.get(user.target) is R.elementwise
+
+
+_SCALINGS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
+             "add", "sub", "mul", "div", "__add__", "__mul__", "__sub__", "__truediv__"}
 
 
 def main_source(an: Analysis, e: ParamExpr) -> str | None:
@@ -353,7 +371,7 @@ def _prune(an: Analysis, nodes: list, exprs: dict) -> dict[str, ParamExpr]:
             if node.name not in chain:
                 continue
             ok = (node.target in CREATION_OPS or all(a.op == "get_attr" or a.name in chain for a in node.all_input_nodes)) \
-                and node.users and all(u.name in chain or _consumes(an, u, node, exprs[node.name]) for u in node.users)
+                and node.users and all(u.name in chain or _consumes(an, u, node, exprs[node.name], exprs) for u in node.users)
             if not ok:
                 chain.discard(node.name)
                 changed = True

@@ -59,7 +59,7 @@ def not_rowwise(an: Analysis, value: fx.Node) -> str:
     adopted, exprs = PE._cached(an)
     if value.name in exprs:
         e = exprs[value.name]
-        others = [R.describe(u) for u in value.users if u.name not in adopted and not PE._consumes(an, u, value, e)]
+        others = [R.describe(u) for u in value.users if u.name not in adopted and not PE._consumes(an, u, value, e, exprs)]
         if others:
             return f"is computed row by row at node {value.name!r} but also read by {', '.join(others)}"
         return (f"is computed row by row at node {value.name!r}, but its rows (shape {e.shape}, rows on dim "
@@ -164,6 +164,9 @@ def linear(an: Analysis, node: fx.Node) -> Any:
     x, w_node, b_node = R.arg(node, 0, "input"), R.arg(node, 1, "weight"), R.arg(node, 2, "bias")
     nd = R.ndim(an, x)
     if why or nd is None:
+        for e in (an.value(w_node), an.value(b_node)):
+            if isinstance(e, ParamExpr):
+                freeze(an, e, f"{R.describe(node)} is blocked")
         return R.opaque(an, node, f"{R.describe(node)}: {why or 'its input has no known shape'}")
     weight, wexpr = weight_of(an, node)
     b = an.value(b_node) if b_node is not None else None
@@ -182,3 +185,38 @@ def linear(an: Analysis, node: fx.Node) -> Any:
         if bexpr is not None:
             declare(an, node, bexpr, None, out.units, None)
     return out
+
+
+def freeze(an: Analysis, e: ParamExpr, why: str) -> None:
+    """An op that cannot slice ``e`` reads all of it: its sources keep their shape.
+
+    Example:
+        >>> import torch
+        >>> an = Analysis(torch.fx.symbolic_trace(torch.nn.Identity()))
+        >>> freeze(an, ParamExpr((2,), 0, (("w", 0, 0),)), "demo"); an.frozen_params
+        {'w': 'demo'}
+    """
+    for target, _, _ in e.sources:
+        an.frozen_params.setdefault(target, why)
+
+
+def elementwise_table(an: Analysis, node: fx.Node, e: ParamExpr, od: int, nd: int, units: tuple) -> bool:
+    """An operand ``e`` of the elementwise op ``node`` whose output (``nd`` dims) carries ``units``
+    on dim ``od``: its rows on ``od`` follow them, rows elsewhere (or none) keep their shape;
+    False (the op blocks) when ``e`` has more than one entry on ``od`` that are not its rows.
+
+    Example:
+        >>> import torch
+        >>> an = Analysis(torch.fx.symbolic_trace(torch.nn.Identity()))
+        >>> elementwise_table(an, list(an.gm.graph.nodes)[0], ParamExpr((3, 1), 0, (("s", 0, 0),)), 1, 3, (0, 1, 2))
+        True
+        >>> an.params[("s", 0)].units
+        (0, 1, 2)
+    """
+    pd = od - (nd - len(e.shape))
+    if pd >= 0 and pd == e.row_dim and e.rows == len(units) > 1:
+        declare(an, node, e, None, units, None)
+        return True
+    why = f"elementwise {R.describe(node)}: a computed operand's rows are not its channels"
+    freeze(an, e, why)
+    return pd < 0 or e.shape[pd] == 1

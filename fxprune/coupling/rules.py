@@ -103,7 +103,8 @@ def elementwise(an: Analysis, node: fx.Node) -> Any:
     if not is_tensor_shape(out_shape) or not out_shape:
         return None
     nd = len(out_shape)
-    operands = [a for a in _operands(node) if isinstance(an.value(a), (ChannelInfo, ParamRef))]
+    from .param_expr import ParamExpr  # a per-channel vector computed from parameters (param_use)
+    operands = [a for a in _operands(node) if isinstance(an.value(a), (ChannelInfo, ParamRef, ParamExpr))]
     chosen = None
     for a in sorted(operands, key=lambda a: _fixed_channels(an, an.value(a))):  # prunable ones first
         v = an.value(a)
@@ -113,11 +114,20 @@ def elementwise(an: Analysis, node: fx.Node) -> Any:
                 chosen = ChannelInfo(od, v.units)
                 break
     if chosen is None:
+        from .param_use import freeze
+        for a in operands:
+            if isinstance(an.value(a), ParamExpr):
+                freeze(an, an.value(a), f"{describe(node)}: no operand carries the output's channels")
         return opaque(an, node, f"{describe(node)}: no operand carries the output's channels")
     od, size = chosen.dim, len(chosen.units)
     why = f"elementwise {describe(node)}"
     for a in operands:
         v = an.value(a)
+        if isinstance(v, ParamExpr):
+            from .param_use import elementwise_table
+            if not elementwise_table(an, node, v, od, nd, chosen.units):
+                return opaque(an, node)
+            continue
         if isinstance(v, ParamRef):
             pshape = tuple(an.param_tensor(v.target).shape)
             pd = od - (nd - len(pshape))
