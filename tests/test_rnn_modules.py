@@ -72,7 +72,7 @@ def _weight_ih_owner(pruned, capture):
 
 RNNS = {
     "lstm_batch_first": lambda: nn.LSTM(8, 6, batch_first=True),
-    "lstm_seq_first": lambda: nn.LSTM(8, 6),
+    "lstm_seq_first": lambda: nn.LSTM(8, 6, bias=False),
     "lstm_bidirectional_2_layers": lambda: nn.LSTM(8, 6, num_layers=2, bidirectional=True, batch_first=True),
     "lstm_proj_size": lambda: nn.LSTM(8, 6, proj_size=3, bidirectional=True),
     "gru": lambda: nn.GRU(8, 6, num_layers=2, batch_first=True),
@@ -210,3 +210,13 @@ def test_module_called_twice_couples_its_inputs():
     group = next(g for g in plan.groups if g.removed)
     assert {p.owner for p in group.params if p.role == "producer"} == {"a", "b"}
     assert pruned.rnn.input_size == 4 == pruned.a.out_features == pruned.b.out_features
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_unbatched_input(capture):
+    """An unbatched (T, C) input: the features are still the last dim."""
+    torch.manual_seed(0)
+    model = LinearRNN(nn.GRU(8, 6, bidirectional=True))
+    plan, pruned = _prune_exact(model, (torch.randn(5, 3),), capture)
+    assert [(g.size, g.kept) for g in plan.groups if g.removed] == [(8, 4)]
+    assert pruned.rnn.weight_ih_l0_reverse.shape == (18, 4)
