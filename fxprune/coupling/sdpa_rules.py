@@ -61,12 +61,16 @@ def operands(an: Analysis, node: fx.Node) -> tuple[list[tuple[Any, str]], str] |
     sequence dims ``L`` (queries) and ``S`` (keys); None when q, k, v differ in rank.
 
     Example:
-        >>> import torch, torch.nn.functional as F
-        >>> g = torch.fx.symbolic_trace(lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
-        ...                             concrete_args=None)
-        >>> node = next(n for n in g.graph.nodes if n.op == "call_function")
-        >>> operands(Analysis(g), node) is None   # no shapes recorded: ranks unknown
-        True
+        >>> import torch, torch.nn.functional as F, fxprune
+        >>> class Attend(torch.nn.Module):
+        ...     def forward(self, q, k, v):
+        ...         return F.scaled_dot_product_attention(q, k, v)
+        >>> x = torch.randn(2, 3, 5, 4)
+        >>> p = fxprune.plan(Attend(), fxprune.Policy(), (x, x, x))
+        >>> node = next(n for n in p.traced.graph.nodes if n.op == "call_function")
+        >>> ops, out = operands(p.analysis, node)
+        >>> [labels for _, labels in ops], out
+        (['abLE', 'abSE', 'abSF'], 'abLF')
     """
     q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
     nd = ndim(an, q)
