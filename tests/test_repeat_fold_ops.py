@@ -120,6 +120,27 @@ def test_global_query_repeated_over_windows(capture):
     assert pruned.q.out_features < 6 and pruned.kv.out_features < 12
 
 
+class RepeatScale(nn.Module):
+    """A per-channel scale vector repeated to the width of a wider layer (each entry over a block
+    of that layer's outputs): the blocks go whole, with their scale entry."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 12), nn.Linear(12, 2)
+        self.scale = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return self.b(self.a(x) * self.scale.repeat_interleave(3))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_repeat_interleave_of_a_parameter_vector(capture):
+    plan, pruned = _prune(RepeatScale(), (torch.randn(2, 3),), capture)
+    assert tuple(pruned.scale.shape) == (2,) and pruned.a.out_features == 6
+    removed = plan.removed_channels()["a"][1]
+    assert all({3 * (r // 3) + i for i in range(3)} <= set(removed) for r in removed)
+
+
 class RepeatBy(nn.Module):
     def __init__(self, how):
         super().__init__()

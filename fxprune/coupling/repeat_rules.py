@@ -73,10 +73,19 @@ def repeat_interleave(an: Analysis, node: fx.Node) -> Any:
     v, in_shape, out_shape = an.tensor_info(x), an.shape(x), an.shape(node)
     if len(node.args) < 2 and "repeats" not in node.kwargs:
         return opaque(an, node, f"{describe(node)} with one argument returns indices, not channel values")
+    repeats, dim = arg(node, 1, "repeats"), arg(node, 2, "dim")
+    p = an.value(x)
+    if isinstance(p, ParamRef):  # a per-channel vector spread over blocks of r (a table used as data)
+        shape = tuple(an.param_tensor(p.target).shape)
+        r = _channel_repeats(an, node, repeats)
+        if len(shape) != 1 or dim not in (None, 0, -1) or isinstance(r, str):
+            return opaque(an, node, f"{describe(node)} repeats parameter {p.target!r} of shape {shape}: only a "
+                                    "1-D parameter with a literal int count is a table of its own channels")
+        units = param_channels(an, p.target, 0, describe(node))
+        return ChannelInfo(0, tuple(u for u in units for _ in range(r)))
     if v is None or not is_tensor_shape(in_shape) or not is_tensor_shape(out_shape):
         return opaque(an, node)
     nd = ndim(an, x)
-    repeats, dim = arg(node, 1, "repeats"), arg(node, 2, "dim")
     if dim is None and nd == 1:
         dim = 0  # flattening a 1-D input changes nothing
     if dim is None:
