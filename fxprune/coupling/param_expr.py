@@ -24,8 +24,9 @@ sets to the kept count (:attr:`ParamExpr.literals`).
 
 A chain is adopted only when every node of it is in :data:`CHAIN_OPS` (or makes a constant,
 :data:`CREATION_OPS`), reads only parameters and other chain nodes, and feeds only chain nodes or a
-linear/convolution that takes it as its weight or bias (:data:`CONSUMERS`; :func:`chains`, computed
-once per graph before the rules run); anything else keeps the ordinary rules, which block it, and
+linear/convolution that takes it as its weight or bias (:data:`CONSUMERS`), or an elementwise op
+scaling or shifting a tensor by it, one value per row (Swin v2's ``logit_scale.clamp(max=...).exp()``
+per head; :func:`chains`, computed once per graph before the rules run); anything else keeps the ordinary rules, which block it, and
 :func:`not_rowwise` names the node where the rows stop being apart. The consumer side (what a layer
 declares for such a weight or bias) is in :mod:`fxprune.coupling.param_use`.
 
@@ -267,9 +268,10 @@ def _consumes(an: Analysis, user: fx.Node, node: fx.Node, e: ParamExpr, exprs: d
     shaped like one parameter, the one its columns come from, every other source holding rows
     only) or as its bias (one value per row), or an elementwise op scaling or shifting a tensor
     that is not computed from parameters by a vector of one value per row (Swin v2's
-    ``attn * logit_scale.clamp(max=...).exp()``, ``logit_scale`` of shape (heads, 1, 1))."""
+    ``attn * logit_scale.clamp(max=...).exp()``, ``logit_scale`` of shape (heads, 1, 1)); a
+    constant made of no parameter is left there to ``tensor_rules.creation``."""
     if _elementwise_user(user):
-        return e.row_dim is not None and math.prod(e.shape) == e.rows > 1 \
+        return bool(e.sources) and e.row_dim is not None and math.prod(e.shape) == e.rows > 1 \
             and any(a.op != "get_attr" and a.name not in exprs for a in user.all_input_nodes)
     if user.op != "call_function" or user.target not in CONSUMERS or user.args[:1] == (node,):
         return False

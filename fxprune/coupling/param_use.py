@@ -207,7 +207,9 @@ def elementwise_table(an: Analysis, node: fx.Node, e: ParamExpr, od: int, nd: in
 
     Example:
         >>> import torch
-        >>> an = Analysis(torch.fx.symbolic_trace(torch.nn.Identity()))
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Identity())
+        >>> gm.s = torch.nn.Parameter(torch.ones(3, 1))
+        >>> an = Analysis(gm)
         >>> elementwise_table(an, list(an.gm.graph.nodes)[0], ParamExpr((3, 1), 0, (("s", 0, 0),)), 1, 3, (0, 1, 2))
         True
         >>> an.params[("s", 0)].units
