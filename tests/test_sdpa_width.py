@@ -107,6 +107,10 @@ def test_single_head_key_value_from_one_projection(capture):
     assert group.size == 6 and group.kept == 3  # q rows, k and v rows, proj columns: one group
     assert pruned.get_submodule("kv").out_features == 6 and pruned.get_submodule("q").out_features == 3
     assert _scales(pruned) == [1 / math.sqrt(6)]
+    node = _sdpa_nodes(pruned)[0]  # without the written scale the call is no longer the masked original
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k != "scale"}
+    pruned.recompile()
+    assert not fxprune.verify(pruned).ok
 
 
 @pytest.mark.parametrize("capture", CAPTURES)
