@@ -289,7 +289,8 @@ def _elementwise_user(user: fx.Node) -> bool:
 
 
 _SCALINGS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
-             "add", "sub", "mul", "div", "__add__", "__mul__", "__sub__", "__truediv__"}
+             operator.iadd, operator.isub, operator.imul, operator.itruediv,  # timm's qkv += qkv_bias
+             "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "__add__", "__mul__", "__sub__", "__truediv__"}
 
 
 def main_source(an: Analysis, e: ParamExpr) -> str | None:
