@@ -185,6 +185,8 @@ class Mixing(nn.Module):
             h = F.linear(h, torch.matmul(self.w, self.w))
         elif self.how == "transpose":
             h = F.linear(h, self.w.transpose(0, 1))
+        elif self.how == "input":  # scaled by a value of the input: no parameter expression
+            h = F.linear(h, self.w * h.mean())
         else:
             bias = torch.cat((self.b, torch.zeros(2, dtype=x.dtype)))
             h = F.linear(h, self.w, bias) + bias.sum()
@@ -193,7 +195,7 @@ class Mixing(nn.Module):
 
 @pytest.mark.parametrize("capture", CAPTURES)
 @pytest.mark.parametrize("how, why", [("gram", "matmul"), ("transpose", "transpose"),
-                                      ("read_elsewhere", "also read by")])
+                                      ("read_elsewhere", "also read by"), ("input", "model input")])
 def test_a_weight_mixing_rows_blocks_naming_the_node(how, why, capture):
     model = Mixing(how).double()
     x = torch.randn(2, 3, dtype=torch.float64)
