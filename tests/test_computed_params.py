@@ -169,6 +169,33 @@ def test_linear_weight_scaled_per_row(capture):
     assert shapes["b"] == (shapes["w"][0],) and shapes["s"] == ()
 
 
+class StackedQKV(nn.Module):
+    """``F.linear`` on ``cat((wq, wk, wv))`` with ``cat((bq, zeros, bv))``: the weight's rows laid
+    end to end from three parameters, each consuming the input channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(3, 6), nn.Linear(12, 2)
+        self.wq, self.wk, self.wv = (nn.Parameter(torch.randn(n, 6)) for n in (4, 4, 4))
+        self.bq, self.bv = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        w = torch.cat((self.wq, self.wk, self.wv))
+        b = torch.cat((self.bq, torch.zeros(4, dtype=x.dtype), self.bv))
+        return self.out(F.relu(F.linear(F.relu(self.inp(x)), w, b)))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_linear_weight_concatenated_from_several_parameters(capture):
+    plan, pruned = _exact(StackedQKV(), (torch.randn(2, 3),), capture)
+    assert not plan.blocked_ops
+    shapes = _shapes(pruned)
+    inner = shapes["inp.weight"][0]
+    assert inner < 6 and all(shapes[w][1] == inner for w in ("wq", "wk", "wv"))
+    assert shapes["wq"][0] + shapes["wk"][0] + shapes["wv"][0] == shapes["out.weight"][1] < 12
+    assert shapes["bq"][0] == shapes["wq"][0] and shapes["bv"][0] == shapes["wv"][0]
+
+
 class Mixing(nn.Module):
     """Weights that are no row-wise chain: each output row mixes rows or columns of a parameter,
     or the computed bias is read by something else too."""

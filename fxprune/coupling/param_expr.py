@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from . import rules as R
 from .state import Analysis
+from .param_consumers import consumes
 from .tensor_rules import CREATION_SIZE, creation_size
 from ..shapes import is_tensor_shape
 
@@ -257,51 +258,6 @@ CHAIN_OPS: dict[Any, Callable] = {
        for op, o in (("var", "dim"), ("var", "correction"), ("std", "dim"), ("std", "correction"))},
 }
 
-CONSUMERS = {  # layers that may take a computed weight or bias; value: the weight's rank
-    F.conv1d: 3, F.conv2d: 4, F.conv3d: 5, F.linear: 2,
-    F.conv_transpose1d: 3, F.conv_transpose2d: 4, F.conv_transpose3d: 5,  # rows: input channels
-}
-
-
-def _consumes(an: Analysis, user: fx.Node, node: fx.Node, e: ParamExpr, exprs: dict) -> bool:
-    """``user`` is a layer of :data:`CONSUMERS` taking ``node`` as its weight (rows on dim 0 and
-    shaped like one parameter, the one its columns come from, every other source holding rows
-    only) or as its bias (one value per row), or an elementwise op scaling or shifting a tensor
-    that is not computed from parameters by a vector of one value per row (Swin v2's
-    ``attn * logit_scale.clamp(max=...).exp()``, ``logit_scale`` of shape (heads, 1, 1)); a
-    constant made of no parameter is left there to ``tensor_rules.creation``."""
-    if _elementwise_user(user):
-        return bool(e.sources) and e.row_dim is not None and math.prod(e.shape) == e.rows > 1 \
-            and any(a.op != "get_attr" and a.name not in exprs for a in user.all_input_nodes)
-    if user.op != "call_function" or user.target not in CONSUMERS or user.args[:1] == (node,):
-        return False
-    weight, bias = R.arg(user, 1, "weight"), R.arg(user, 2, "bias")
-    if weight is node and bias is not node:
-        return main_source(an, e) is not None and e.row_dim == 0 and len(e.shape) == CONSUMERS[user.target]
-    return bias is node and weight is not node and e.row_dim == 0 and len(e.shape) == 1
-
-
-def _elementwise_user(user: fx.Node) -> bool:
-    """``user``'s rule is the broadcasting elementwise rule (``rules.elementwise``)."""
-    from . import ops  # loaded by now: it imports this module while it loads
-    table = {"call_function": ops.FUNCTION_RULES, "call_method": ops.METHOD_RULES}.get(user.op, {})
-    return user.target in _SCALINGS and table.get(user.target) is R.elementwise
-
-
-_SCALINGS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
-             operator.iadd, operator.isub, operator.imul, operator.itruediv,  # timm's qkv += qkv_bias
-             "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "__add__", "__mul__", "__sub__", "__truediv__"}
-
-
-def main_source(an: Analysis, e: ParamExpr) -> str | None:
-    """The source whose columns the value carries (shaped like it, rows on dim 0); None unless
-    exactly one, with every other source a per-row vector (one entry per row it covers)."""
-    mains = [t for t, d, s in e.sources if d == 0 and s == 0 and tuple(an.param_tensor(t).shape) == e.shape]
-    rows_only = all(an.param_tensor(t).numel() == an.param_tensor(t).shape[d]
-                    for t, d, _ in e.sources if t not in mains)
-    return mains[0] if len(mains) == 1 and rows_only else None
-
-
 _CHAINS: "weakref.WeakKeyDictionary[Analysis, tuple[dict, dict]]" = weakref.WeakKeyDictionary()
 
 
@@ -374,7 +330,7 @@ def _prune(an: Analysis, nodes: list, exprs: dict) -> dict[str, ParamExpr]:
             if node.name not in chain:
                 continue
             ok = (node.target in CREATION_OPS or all(a.op == "get_attr" or a.name in chain for a in node.all_input_nodes)) \
-                and node.users and all(u.name in chain or _consumes(an, u, node, exprs[node.name], exprs) for u in node.users)
+                and node.users and all(u.name in chain or consumes(an, u, node, exprs[node.name], exprs) for u in node.users)
             if not ok:
                 chain.discard(node.name)
                 changed = True

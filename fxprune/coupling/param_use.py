@@ -31,6 +31,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from . import param_consumers as PC
 from . import param_expr as PE
 from . import rules as R
 from .param_expr import ParamExpr
@@ -59,7 +60,7 @@ def not_rowwise(an: Analysis, value: fx.Node) -> str:
     adopted, exprs = PE._cached(an)
     if value.name in exprs:
         e = exprs[value.name]
-        others = [R.describe(u) for u in value.users if u.name not in adopted and not PE._consumes(an, u, value, e, exprs)]
+        others = [R.describe(u) for u in value.users if u.name not in adopted and not PC.consumes(an, u, value, e, exprs)]
         if others:
             return f"is computed row by row at node {value.name!r} but also read by {', '.join(others)}"
         return (f"is computed row by row at node {value.name!r}, but its rows (shape {e.shape}, rows on dim "
@@ -113,17 +114,18 @@ def weight_of(an: Analysis, node: fx.Node) -> tuple[str | None, ParamExpr | None
     if isinstance(v, ParamRef):
         return v.target, None
     if isinstance(v, ParamExpr):
-        return PE.main_source(an, v), v
+        return PC.main_source(an, v), v
     return None, None
 
 
 def declare(an: Analysis, node: fx.Node, e: ParamExpr, weight: str | None, rows: tuple | None,
-            columns: tuple | None) -> None:
+            columns: tuple | None, producers: tuple = ()) -> None:
     """What a layer consuming ``e`` (its weight, main source ``weight``, or its bias: ``weight``
     None) adds to the plan: every other source follows its segment of ``rows`` (the units of
     the value's rows; None: they never shrink), the literal row counts follow them, and
     ``columns`` (the channels of a row's entries the layer slices, if any) are inexact when the
-    chain mixes the entries of a row.
+    chain mixes the entries of a row. ``producers``: sources the layer slices itself (a weight
+    concatenated from several parameters).
 
     Example:
         >>> import torch
@@ -135,7 +137,7 @@ def declare(an: Analysis, node: fx.Node, e: ParamExpr, weight: str | None, rows:
     if rows is not None:
         owner = weight or next((t for t, _, _ in e.sources), node.name)
         for target, dim, start in e.sources:
-            if target != weight:
+            if target != weight and target not in producers:
                 n = an.param_tensor(target).shape[dim]
                 an.slice_param(target, dim, "passenger", rows[start:start + n], owner, why)
         for lit, kind, j, start, count in e.literals:
@@ -171,20 +173,46 @@ def linear(an: Analysis, node: fx.Node) -> Any:
     weight, wexpr = weight_of(an, node)
     b = an.value(b_node) if b_node is not None else None
     bias, bexpr = (b.target, None) if isinstance(b, ParamRef) else (None, b)
-    if weight is None:
+    cols = ((weight, 0),) if weight is not None else PC.column_sources(an, wexpr) if wexpr is not None else None
+    if cols is None:
+        for e in (wexpr, bexpr):
+            if e is not None:
+                freeze(an, e, f"{R.describe(node)} is blocked")
         return R.opaque(an, node, f"{R.describe(node)}: its weight {not_rowwise(an, w_node)}")
-    params = (weight, bias, *(t for e in (wexpr, bexpr) if e is not None for t, _, _ in e.sources))
+    params = (*(t for t, _ in cols), bias, *(t for e in (wexpr, bexpr) if e is not None for t, _, _ in e.sources))
     through = R.batch_dim_channels(an, node, x, nd - 1, params)
     if through is not None:
         return through
-    out = R.contract(an, node, x, nd - 1, weight, 1, 0, an.param_tensor(weight).shape[0], bias, weight, nd - 1)
+    if weight is not None:
+        out = R.contract(an, node, x, nd - 1, weight, 1, 0, an.param_tensor(weight).shape[0], bias, weight, nd - 1)
+    else:
+        out = _stacked(an, node, x, nd - 1, wexpr.rows, cols, bias)
     if isinstance(out, ChannelInfo):
         v = an.tensor_info(x)
         if wexpr is not None:
-            declare(an, node, wexpr, weight, out.units, v.units if v is not None and v.dim == nd - 1 else None)
+            declare(an, node, wexpr, weight, out.units, v.units if v is not None and v.dim == nd - 1 else None,
+                    producers=tuple(t for t, _ in cols))
         if bexpr is not None:
             declare(an, node, bexpr, None, out.units, None)
     return out
+
+
+def _stacked(an: Analysis, node: fx.Node, x: Any, x_dim: int, rows: int, cols: tuple, bias: str | None) -> ChannelInfo:
+    """A linear whose weight is several parameters laid end to end over its rows (``cols``: target
+    and first row): each consumes the input channels and produces its segment of the outputs."""
+    why = f"{R.describe(node)}: weight concatenated from {', '.join(t for t, _ in cols)}"
+    v = an.tensor_info(x)
+    if v is not None and v.dim == x_dim:
+        for target, _ in cols:
+            an.slice_param(target, 1, "consumer", v.units, target, why)
+    else:
+        an.pin_value(an.value(x), f"{R.describe(node)} contracts a dim that fxprune does not track")
+    units = an.units.new_atom(("out", node.name, x_dim), rows, "producer")
+    for target, start in cols:
+        an.slice_param(target, 0, "producer", units[start:start + an.param_tensor(target).shape[0]], target, why)
+    if bias is not None:
+        an.slice_param(bias, 0, "passenger", units, cols[0][0], why)
+    return ChannelInfo(x_dim, units)
 
 
 def freeze(an: Analysis, e: ParamExpr, why: str) -> None:
