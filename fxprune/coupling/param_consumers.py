@@ -37,7 +37,16 @@ def consumes(an: Analysis, user: fx.Node, node: fx.Node, e: Any, exprs: dict) ->
     only) or as its bias (one value per row), or an elementwise op scaling or shifting a tensor
     that is not computed from parameters by a vector of one value per row (Swin v2's
     ``attn * logit_scale.clamp(max=...).exp()``, ``logit_scale`` of shape (heads, 1, 1)); a
-    constant made of no parameter is left there to ``tensor_rules.creation``."""
+    constant made of no parameter is left there to ``tensor_rules.creation``.
+
+    Example:
+        >>> from fxprune.coupling.param_expr import ParamExpr
+        >>> g = torch.fx.Graph()
+        >>> x, b = g.placeholder("x"), g.placeholder("b")
+        >>> user = g.call_function(F.linear, (x, x, b))
+        >>> consumes(None, user, b, ParamExpr((4,), 0), {})   # a bias: one value per row
+        True
+    """
     if elementwise_user(user):
         return bool(e.sources) and e.row_dim is not None and math.prod(e.shape) == e.rows > 1 \
             and any(a.op != "get_attr" and a.name not in exprs for a in user.all_input_nodes)
@@ -51,7 +60,16 @@ def consumes(an: Analysis, user: fx.Node, node: fx.Node, e: Any, exprs: dict) ->
 
 
 def elementwise_user(user: fx.Node) -> bool:
-    """``user``'s rule is the broadcasting elementwise rule (``rules.elementwise``)."""
+    """``user``'s rule is the broadcasting elementwise rule (``rules.elementwise``) and it adds,
+    subtracts, multiplies or divides.
+
+    Example:
+        >>> import fxprune.coupling.ops
+        >>> g = torch.fx.Graph()
+        >>> x = g.placeholder("x")
+        >>> elementwise_user(g.call_function(operator.mul, (x, x))), elementwise_user(g.call_function(torch.exp, (x,)))
+        (True, False)
+    """
     from . import ops  # loaded by now: it imports this module while it loads
     table = {"call_function": ops.FUNCTION_RULES, "call_method": ops.METHOD_RULES}.get(user.op, {})
     return user.target in _SCALINGS and table.get(user.target) is R.elementwise
@@ -64,7 +82,15 @@ _SCALINGS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.a
 
 def main_source(an: Analysis, e: Any) -> str | None:
     """The source whose columns the value carries (shaped like it, rows on dim 0); None unless
-    exactly one, with every other source a per-row vector (one entry per row it covers)."""
+    exactly one, with every other source a per-row vector (one entry per row it covers).
+
+    Example:
+        >>> from fxprune.coupling.param_expr import ParamExpr
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Identity())
+        >>> gm.w, gm.g = torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(4, 1))
+        >>> main_source(Analysis(gm), ParamExpr((4, 3), 0, (("w", 0, 0), ("g", 0, 0))))
+        'w'
+    """
     mains = [t for t, d, s in e.sources if d == 0 and s == 0 and tuple(an.param_tensor(t).shape) == e.shape]
     rows_only = all(an.param_tensor(t).numel() == an.param_tensor(t).shape[d]
                     for t, d, _ in e.sources if t not in mains)
