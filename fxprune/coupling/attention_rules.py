@@ -68,14 +68,16 @@ def coarsen(an: Analysis, units: Sequence[int], heads: int, mode: str, why: str)
 _CONTRACTIONS = {"einsum", "matmul", "bmm", "scaled_dot_product_attention", "__matmul__"}
 # Ops between a head split and the attention contraction: layout, scaling, rotary embeddings
 # (q * cos + rotate_half(q) * sin: mul, add, neg, cat of halves) and grouped-query attention's
-# repeat_kv (unsqueeze, expand, reshape).
+# repeat_kv (unsqueeze, expand, reshape), and a per-head norm over head_dim (Gemma 4's q_norm/k_norm:
+# F.rms_norm(q, [head_dim], w); a norm that reaches the heads axis is marked by its own rule).
 _TRANSPARENT = {"permute", "transpose", "swapaxes", "contiguous", "mul", "truediv", "div", "to", "float", "clone",
                 "unbind", "getitem", "chunk", "split", "add", "sub", "neg", "cat", "unsqueeze", "expand",
-                "reshape", "view", "type_as"}
+                "reshape", "view", "type_as", "rms_norm", "layer_norm"}
 
 
-def _feeds_contraction(node: fx.Node, depth: int = 6) -> bool:
-    """True when ``node`` reaches a matmul-like op through layout and scaling ops only."""
+def _feeds_contraction(node: fx.Node, depth: int = 8) -> bool:
+    """True when ``node`` reaches a matmul-like op through layout and scaling ops only (within
+    ``depth`` ops: Gemma 4 goes view, q_norm, split, getitem, mul, add, cat, transpose to attention)."""
     for user in node.users:
         name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
         if name in _CONTRACTIONS:

@@ -281,8 +281,10 @@ FUNCTION_RULES.update({
     torch.ops.aten.tile.default: P(TB.tile, fallback=T.repeat),
 })
 FUNCTION_RULES[torch.tile] = P(TB.tile, fallback=T.repeat)
+FUNCTION_RULES.update({f: P(TB.param_matmul, fallback=T.matmul) for f in (torch.matmul, operator.matmul)})
+METHOD_RULES.update({m: P(TB.param_matmul, fallback=T.matmul) for m in ("matmul", "__matmul__")})
 METHOD_RULES.update({"tile": P(TB.tile, fallback=T.repeat), "repeat": P(TB.tile, fallback=T.repeat)})
-METHOD_RULES.update({m: TB.param_copy for m in ("clone", "contiguous", "detach")})
+METHOD_RULES.update({m: TB.param_copy for m in TB.COPY_METHODS})  # also dtype casts: x.float(), x.to(dtype)
 METHOD_RULES["copy_"] = slice_rules.copy_into  # x[:, :c] = y through export: copy_ into the slice
 
 
@@ -305,3 +307,11 @@ MODULE_RULES.update({nn.LSTM: RNN.rnn_module, nn.GRU: RNN.rnn_module, nn.RNN: RN
 FUNCTION_RULES.update({op: RNN.rnn_aten for op in RNN.ATEN_OPS})  # torch.export's aten.lstm.input, ...
 FUNCTION_RULES[torch.permute] = METHOD_RULES["permute"] = RP.permute  # a permuted parameter table too
 _lookup.install(layout={"permute": RP.permute, "transpose": L.transpose})
+
+
+# -- channels on a dim an op treats as positions; unbind of the channel dim -------------------
+from . import position_rules as POS  # noqa: E402
+
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    MODULE_RULES[_conv] = P(POS.conv_positions, fallback=MODULE_RULES[_conv])  # CoaT's Conv1d over (B, 3, C)
+FUNCTION_RULES[torch.unbind] = METHOD_RULES["unbind"] = P(POS.unbind, fallback=T.unbind)

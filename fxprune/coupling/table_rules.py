@@ -131,10 +131,15 @@ def tile(an: Analysis, node: fx.Node, fallback: Any) -> Any:
     return ChannelInfo(lead + kept[0], param_channels(an, p.target, kept[0], describe(node)))
 
 
+COPY_METHODS = ("clone", "contiguous", "detach", "float", "double", "half", "bfloat16", "to", "type_as")
+
+
 def param_copy(an: Analysis, node: fx.Node) -> Any:
     """``clone``/``contiguous``/``detach`` of a parameter or buffer is that tensor again (how
-    torch.export hands on a literal index list: a lifted constant, cloned); of anything else,
-    an elementwise op.
+    torch.export hands on a literal index list: a lifted constant, cloned), and so is a cast
+    (``w.float()``, ``w.to(x.dtype)``, ``w.type_as(x)``: timm's ``RmsNormFp32`` casts its weight,
+    Qwen3-ViT its position table, entry by entry, so the users slice the parameter as if they
+    read it directly); of anything else, an elementwise op.
 
     Example:
         >>> from fxprune.coupling.ops import METHOD_RULES
@@ -142,9 +147,52 @@ def param_copy(an: Analysis, node: fx.Node) -> Any:
         True
     """
     x = node.args[0] if node.args else None
-    if isinstance(an.value(x), ParamRef):
-        return an.value(x)
+    v = an.value(x)
+    if isinstance(v, ParamRef):
+        return v
+    if node.target in _CASTS and isinstance(v, ChannelInfo) and an.shape(node) == an.shape(x):
+        return v  # the other arguments (a dtype, a device, a tensor giving them) carry no data
     return elementwise(an, node)
+
+
+_CASTS = frozenset(COPY_METHODS) - {"clone", "contiguous", "detach"}
+
+
+def _prunable(an: Analysis, v: Any) -> bool:
+    """``v`` holds channels some of which are not pinned (pinned ones are never removed)."""
+    return isinstance(v, ChannelInfo) and any(u not in an.units.pins for u in v.units)
+
+
+def param_matmul(an: Analysis, node: fx.Node, fallback: Any) -> Any:
+    """``a @ W`` with ``W`` a parameter table of shape ``(..., K, C)`` and ``a`` data that
+    carries no prunable channels (an index turned one-hot, a pinned opaque value): column ``c``
+    of the result is ``a @ W[..., c]``, so the last dim is a per-channel table on ``W``'s last
+    dim, a passenger of the channels it is added to (Gemma 4's position embedding
+    ``one_hot(pos) @ table``, then summed over the two axes). Anything else goes to
+    ``fallback`` (``tensor_rules.matmul``).
+
+    Example:
+        >>> import torch, fxprune
+        >>> class Pos(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = torch.nn.Linear(3, 6), torch.nn.Linear(6, 2)
+        ...         self.table = torch.nn.Parameter(torch.randn(4, 6))
+        ...     def forward(self, x):
+        ...         return self.b(self.a(x) + torch.eye(4)[torch.arange(5) % 4] @ self.table)
+        >>> pruned = fxprune.transform(Pos(), fxprune.Policy(ratio=0.5), (torch.randn(5, 3),))
+        >>> tuple(pruned.table.shape), fxprune.verify(pruned).ok
+        ((4, 3), True)
+    """
+    a, w = (node.args + (None, None))[:2]
+    p, out_shape = an.value(w), an.shape(node)
+    if not isinstance(p, ParamRef) or _prunable(an, an.value(a)) or not is_tensor_shape(out_shape) \
+            or len(out_shape) < 2:
+        return fallback(an, node)
+    shape = tuple(an.param_tensor(p.target).shape)
+    if len(shape) < 2 or shape[-1] < 2 or out_shape[-1] != shape[-1]:
+        return fallback(an, node)
+    return ChannelInfo(len(out_shape) - 1, param_channels(an, p.target, len(shape) - 1, describe(node)))
 
 
 def getitem(an: Analysis, node: fx.Node) -> Any:
