@@ -20,7 +20,8 @@ _TABLE: dict[str, Any] = {}
 
 
 def install(**entries: Any) -> None:
-    """Called by ``ops.py``: ``rule_for``, ``FUNCTION_RULES``, ``MODULE_RULES``, ``layout`` (named layout rules)."""
+    """Called by ``ops.py``: ``rule_for``, ``FUNCTION_RULES``, ``METHOD_RULES``, ``MODULE_RULES``,
+    ``layout`` (named layout rules), ``param_use`` (the module)."""
     _TABLE.update(entries)
 
 
@@ -38,6 +39,16 @@ def rule_for(an: Any, node: Any) -> Callable | None:
 def function_rule(target: Any) -> Callable | None:
     """The row of a function target in the function table, or None."""
     return _get("FUNCTION_RULES").get(target)
+
+
+def method_rule(name: str) -> Callable | None:
+    """The row of a method name in the method table, or None."""
+    return _get("METHOD_RULES").get(name)
+
+
+def param_use() -> Any:
+    """``fxprune.coupling.param_use`` (linear/elementwise readers of computed parameters)."""
+    return _get("param_use")
 
 
 def module_rules() -> dict:

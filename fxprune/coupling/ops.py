@@ -18,11 +18,13 @@ from . import slice_rules
 from . import layout_rules as L
 from . import conv_rules as C
 from . import param_expr as PE
+from . import param_use as PU
 from . import norm_rules as N
 from . import rules as R
 from . import shuffle as S
 from . import attention_rules as A
 from . import tensor_rules as T
+from . import sdpa_rules as SDPA
 
 Rule = Callable[..., Any]
 P = functools.partial
@@ -136,7 +138,7 @@ FUNCTION_RULES.update({
     torch.unsqueeze: T.unsqueeze, torch.squeeze: T.squeeze, torch.movedim: T.movedim, torch.unbind: T.unbind,
     torch.moveaxis: T.movedim, torch.swapaxes: L.transpose, torch.swapdims: L.transpose,
     torch.einsum: T.einsum, torch.addmm: R.addmm_functional, torch.matmul: T.matmul, operator.matmul: T.matmul, torch.bmm: T.matmul,
-    F.scaled_dot_product_attention: T.scaled_dot_product_attention,
+    F.scaled_dot_product_attention: SDPA.attention,
     **{f: T.creation for f in T.CREATION_SIZE if not isinstance(f, str)},
     operator.getitem: index_rules.getitem,  # adds parameter tables gathered by index to L.getitem
 })
@@ -262,8 +264,8 @@ MODULE_RULES[nn.Unfold] = RR.im2col
 
 from . import lookup as _lookup  # noqa: E402  (rules read the table through it: see lookup.py)
 
-_lookup.install(rule_for=rule_for, FUNCTION_RULES=FUNCTION_RULES, MODULE_RULES=MODULE_RULES,
-                layout={"permute": L.permute, "transpose": L.transpose})
+_lookup.install(rule_for=rule_for, FUNCTION_RULES=FUNCTION_RULES, METHOD_RULES=METHOD_RULES,
+                MODULE_RULES=MODULE_RULES, layout={"permute": L.permute, "transpose": L.transpose}, param_use=PU)
 
 
 # -- writes into slices, constant channel padding, list indices, parameter tables ----------

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from . import lookup
 from . import rules as R
 from .state import Analysis
 
@@ -70,9 +71,11 @@ def elementwise_user(user: fx.Node) -> bool:
         >>> elementwise_user(g.call_function(operator.mul, (x, x))), elementwise_user(g.call_function(torch.exp, (x,)))
         (True, False)
     """
-    from . import ops  # loaded by now: it imports this module while it loads
-    table = {"call_function": ops.FUNCTION_RULES, "call_method": ops.METHOD_RULES}.get(user.op, {})
-    return user.target in _SCALINGS and table.get(user.target) is R.elementwise
+    if user.target not in _SCALINGS:
+        return False
+    rule = lookup.function_rule(user.target) if user.op == "call_function" else \
+        lookup.method_rule(user.target) if user.op == "call_method" else None
+    return rule is R.elementwise
 
 
 _SCALINGS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,

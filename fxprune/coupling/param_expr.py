@@ -55,39 +55,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import rules as R
-from .state import Analysis
+from .state import Analysis, ParamExpr
 from .param_consumers import consumes
 from .tensor_rules import CREATION_SIZE, creation_size
 from ..shapes import is_tensor_shape
 
 
-@dataclasses.dataclass(frozen=True)
-class ParamExpr:
-    """A tensor computed from parameters keeping the rows of ``sources`` apart.
-
-    ``row_dim`` is where the rows lie in this value (None: no rows, a constant); ``sources`` are
-    ``(parameter, dim of its rows, start)``: rows ``start, start + 1, ...`` of this value come from
-    that parameter's rows in order; ``literals`` are ``(node, kind, entry, start, count)``: a literal
-    at ``entry`` of ``node``'s shape or size holding the count of rows ``start .. start + count``
-    (``kind`` the rewriter in ``fxprune.rewrite.literals``: ``"shape_entry"`` for a reshape,
-    ``"creation_size"`` for ``torch.zeros``); ``mixes`` says why the entries of a row are mixed
-    (None: they are not).
-
-    Example:
-        >>> e = ParamExpr((4, 3), 0, (("w", 0, 0),))
-        >>> e.rows
-        4
-    """
-
-    shape: tuple
-    row_dim: int | None
-    sources: tuple = ()
-    literals: tuple = ()
-    mixes: str | None = None
-
-    @property
-    def rows(self) -> int:
-        return 1 if self.row_dim is None else self.shape[self.row_dim]
+# ParamExpr lives in state.py beside ParamRef (rules test for it without importing this module)
 
 
 def _leaf(an: Analysis, target: str) -> ParamExpr | None:

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch.fx as fx
 
-from .state import Analysis, ChannelInfo, ParamRef
+from . import lookup
+from .state import Analysis, ChannelInfo, ParamExpr, ParamRef
 from ..shapes import is_tensor_shape
 
 
@@ -103,7 +104,6 @@ def elementwise(an: Analysis, node: fx.Node) -> Any:
     if not is_tensor_shape(out_shape) or not out_shape:
         return None
     nd = len(out_shape)
-    from .param_expr import ParamExpr  # a per-channel vector computed from parameters (param_use)
     operands = [a for a in _operands(node) if isinstance(an.value(a), (ChannelInfo, ParamRef, ParamExpr))]
     chosen = None
     for a in sorted(operands, key=lambda a: _fixed_channels(an, an.value(a))):  # prunable ones first
@@ -114,18 +114,16 @@ def elementwise(an: Analysis, node: fx.Node) -> Any:
                 chosen = ChannelInfo(od, v.units)
                 break
     if chosen is None:
-        from .param_use import freeze
         for a in operands:
-            if isinstance(an.value(a), ParamExpr):
-                freeze(an, an.value(a), f"{describe(node)}: no operand carries the output's channels")
+            if isinstance(an.value(a), ParamExpr):  # a per-channel vector computed from parameters
+                lookup.param_use().freeze(an, an.value(a), f"{describe(node)}: no operand carries the output's channels")
         return opaque(an, node, f"{describe(node)}: no operand carries the output's channels")
     od, size = chosen.dim, len(chosen.units)
     why = f"elementwise {describe(node)}"
     for a in operands:
         v = an.value(a)
         if isinstance(v, ParamExpr):
-            from .param_use import elementwise_table
-            if not elementwise_table(an, node, v, od, nd, chosen.units):
+            if not lookup.param_use().elementwise_table(an, node, v, od, nd, chosen.units):
                 return opaque(an, node)
             continue
         if isinstance(v, ParamRef):
@@ -347,8 +345,7 @@ def linear_functional(an: Analysis, node: fx.Node) -> Any:
     weight, bias = _functional_params(an, node, 2)
     x = arg(node, 0, "input")
     if weight is None:  # a weight or bias computed from parameters, or blocked with where it mixes rows
-        from .param_use import linear
-        return linear(an, node)
+        return lookup.param_use().linear(an, node)
     nd = ndim(an, x)
     through = batch_dim_channels(an, node, x, nd - 1, (weight, bias)) if nd is not None else None
     if through is not None:

@@ -41,6 +41,35 @@ class ParamSlice:
     owner: str  # the module (or get_attr target) that owns it
 
 
+@dataclasses.dataclass(frozen=True)
+class ParamExpr:
+    """A tensor computed from parameters keeping the rows of ``sources`` apart.
+
+    ``row_dim`` is where the rows lie in this value (None: no rows, a constant); ``sources`` are
+    ``(parameter, dim of its rows, start)``: rows ``start, start + 1, ...`` of this value come from
+    that parameter's rows in order; ``literals`` are ``(node, kind, entry, start, count)``: a literal
+    at ``entry`` of ``node``'s shape or size holding the count of rows ``start .. start + count``
+    (``kind`` the rewriter in ``fxprune.rewrite.literals``: ``"shape_entry"`` for a reshape,
+    ``"creation_size"`` for ``torch.zeros``); ``mixes`` says why the entries of a row are mixed
+    (None: they are not).
+
+    Example:
+        >>> e = ParamExpr((4, 3), 0, (("w", 0, 0),))
+        >>> e.rows
+        4
+    """
+
+    shape: tuple
+    row_dim: int | None
+    sources: tuple = ()
+    literals: tuple = ()
+    mixes: str | None = None
+
+    @property
+    def rows(self) -> int:
+        return 1 if self.row_dim is None else self.shape[self.row_dim]
+
+
 class Analysis:
     """Mutable state of the coupling stage, shared by the op rules.
 

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from .rules import arg, describe, ndim, norm_dim, opaque
 from .state import Analysis, ChannelInfo, ParamRef
@@ -276,14 +277,6 @@ def matmul(an: Analysis, node: fx.Node) -> Any:
     return contract_labels(an, node, [(a, labels[0]), (b, labels[1])], labels[2])
 
 
-def scaled_dot_product_attention(an: Analysis, node: fx.Node) -> Any:
-    """``F.scaled_dot_product_attention(q, k, v)``: heads (batch dims), the query/key width and
-    the value width; the rule lives in ``sdpa_rules`` (this name keys the op table and the
-    attention mask's lookup in ``_met_channels``)."""
-    from .sdpa_rules import attention
-    return attention(an, node)
-
-
 # -- creation ops: a constant tensor whose size meets channels downstream -------------------
 # Where each creation op takes its size: (position of the size, or of its first int when the
 # size is given as separate ints; the keyword). ``torch.full(size, fill)`` and
@@ -353,7 +346,8 @@ def _met_channels(an: Analysis, cur: fx.Node, user: fx.Node) -> list[tuple[Chann
     mask of ``scaled_dot_product_attention``, which broadcasts against the scores."""
     from . import lookup
     out = []
-    if lookup.function_rule(user.target) is scaled_dot_product_attention and arg(user, 3, "attn_mask") is cur:
+    if user.op == "call_function" and lookup.function_rule(user.target) is lookup.function_rule(F.scaled_dot_product_attention) \
+            and arg(user, 3, "attn_mask") is cur:
         q = arg(user, 0, "query")
         v, nd = an.tensor_info(q), ndim(an, q)
         if v is not None and nd is not None and v.dim < nd - 2:
