@@ -11,6 +11,7 @@ import torch.fx as fx
 
 from ..copying import copy_graph_module, copy_module
 from ..errors import TraceError
+from .scoped_patcher import scoped_module_patches
 
 try:  # generates code on first use: a plan rarely runs its traced module, apply makes its own
     from torch.fx._lazy_graph_module import _LazyGraphModule as _TracedModule
@@ -41,7 +42,10 @@ class LeafTracer(fx.Tracer):
         self.__dict__.pop("_parameter_names", None)  # tables of the previous root, if any
         self.__dict__.pop("_buffer_names", None)
         self.__dict__.pop("_failure", None)
-        return super().trace(root, concrete_args)
+        if not isinstance(root, torch.nn.Module):
+            return super().trace(root, concrete_args)
+        with scoped_module_patches(type(m) for m in root.modules()):  # not nn.Module's: see scoped_patcher
+            return super().trace(root, concrete_args)
 
     def _other_thread(self) -> bool:
         return threading.get_ident() != getattr(self, "_owner", threading.get_ident())
