@@ -67,8 +67,11 @@ class ExportError(FxPruneError, ValueError):
 
 
 def _eval_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A private copy in eval mode, so exporting never changes the caller's module."""
-    return copy.deepcopy(model).eval()
+    """A private copy in eval mode, so exporting never changes the caller's module (the plan a
+    pruned module carries in its meta is shared, not copied: exporting only reads it)."""
+    meta = getattr(model, "meta", None)
+    plan = meta.get("fxprune") if isinstance(meta, dict) else None
+    return copy.deepcopy(model, {} if plan is None else {id(plan): plan}).eval()
 
 
 def _export_torchscript_trace(model, path, inputs, opset):

@@ -132,7 +132,7 @@ def _reshape(an: Analysis, node: fx.Node, ex: Callable) -> ParamExpr | None:
         if isinstance(s, int) and s not in (-1, 1):
             return None  # a literal column count would not follow pruned input channels
     if isinstance(entries[j], int) and entries[j] != -1:
-        literals = ((node, "shape_entry", j, 0, out[j]),)
+        literals = ((node.name, "shape_entry", j, 0, out[j]),)
     return _merge(out, j, [e], literals=literals)
 
 
@@ -209,7 +209,7 @@ def _creation(an: Analysis, node: fx.Node) -> ParamExpr | None:
         return ParamExpr(tuple(out), None)
     if not isinstance(found[0][j], int):
         return None
-    return ParamExpr(tuple(out), j, (), ((node, "creation_size", j, 0, out[j]),))
+    return ParamExpr(tuple(out), j, (), ((node.name, "creation_size", j, 0, out[j]),))
 
 
 CREATION_OPS = {f: _creation for f in CREATION_SIZE}

@@ -147,13 +147,13 @@ def declare(an: Analysis, node: fx.Node, e: ParamExpr, weight: str | None, rows:
                                        "weight row changes the kept weights")
 
 
-def _literal(an: Analysis, lit: fx.Node, kind: str, j: int, units: tuple, why: str) -> None:
-    """Ask for ``lit``'s literal entry ``j`` to become the kept count of ``units``; a literal read
-    for a second layer couples the two unit ranges (one size for both)."""
-    prior = an.literals.get(lit.name)
+def _literal(an: Analysis, lit: str, kind: str, j: int, units: tuple, why: str) -> None:
+    """Ask for node ``lit``'s literal entry ``j`` to become the kept count of ``units``; a literal
+    read for a second layer couples the two unit ranges (one size for both)."""
+    prior = an.literals.get(lit)
     if prior is not None and prior[0] == kind:
         old = prior[1][1] if kind == "shape_entry" else prior[1][0]
-        an.units.union(old, units, "shared", f"size literal of node {lit.name!r} read for several layers ({why})")
+        an.units.union(old, units, "shared", f"size literal of node {lit!r} read for several layers ({why})")
         return
     an.rewrite_literal(lit, kind, (j, units) if kind == "shape_entry" else (units, j))
 

@@ -47,7 +47,7 @@ class ParamExpr:
 
     ``row_dim`` is where the rows lie in this value (None: no rows, a constant); ``sources`` are
     ``(parameter, dim of its rows, start)``: rows ``start, start + 1, ...`` of this value come from
-    that parameter's rows in order; ``literals`` are ``(node, kind, entry, start, count)``: a literal
+    that parameter's rows in order; ``literals`` are ``(node name, kind, entry, start, count)``: a literal
     at ``entry`` of ``node``'s shape or size holding the count of rows ``start .. start + count``
     (``kind`` the rewriter in ``fxprune.rewrite.literals``: ``"shape_entry"`` for a reshape,
     ``"creation_size"`` for ``torch.zeros``); ``mixes`` says why the entries of a row are mixed
@@ -208,9 +208,10 @@ class Analysis:
         else:
             self.module_widths[target] = units
 
-    def rewrite_literal(self, node: fx.Node, kind: str, payload: Any) -> None:
-        """Ask the rewrite to update a literal argument of ``node`` (see ``fxprune.rewrite.literals``)."""
-        self.literals[node.name] = (kind, payload)
+    def rewrite_literal(self, node: fx.Node | str, kind: str, payload: Any) -> None:
+        """Ask the rewrite to update a literal argument of ``node`` (a node or its name; see
+        ``fxprune.rewrite.literals``)."""
+        self.literals[node if isinstance(node, str) else node.name] = (kind, payload)
 
     def mask_at(self, target: str, dim: int) -> None:
         """Channels that no node output shows (inside a leaf module or a wrapped function, e.g.
