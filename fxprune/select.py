@@ -276,9 +276,13 @@ def _keep_every_member(g, s: torch.Tensor, round_to: int | None = None) -> None:
             removed.discard(best)
             restored.append(best)
     extra = 0
+    pinned, kept_back = set(g.pinned), set(restored)
     for _ in restored:
-        spare = [c for c in range(g.size) if c not in removed and c not in g.pinned and c not in restored
-                 and not any(m <= removed | {c} for m in sets)]
+        # c may go unless some member would then lose all of its channels: one whose only
+        # channel not removed yet is c
+        last = {next(iter(missing)) for missing in (m - removed for m in sets) if len(missing) == 1}
+        spare = [c for c in range(g.size) if c not in removed and c not in pinned and c not in kept_back
+                 and c not in last]
         if spare:
             removed.add(min(spare, key=lambda c: (values[c], c)))
         else:
