@@ -194,6 +194,44 @@ def _without_broadcasts(an: Analysis, operands: Sequence[tuple[Any, str]]) -> li
 _BROADCAST = "?"  # a label no contraction uses: the operand's size-1 dim broadcasts
 
 
+def _removable(an: Analysis, values: Sequence[ChannelInfo]) -> bool:
+    """True unless every unit of every value is already pinned (an opaque result's placeholder,
+    a model input): pinned units are never removed, so tracking them gains nothing."""
+    pins = an.units.pins
+    return any(u not in pins for v in values for u in v.units)
+
+
+def _tracked_label(an: Analysis, carried: dict[str, list], out: str) -> str:
+    """The index whose channels a contraction tracks: one carrying removable channels first (the
+    scores ``q @ k.T`` sum over head_dim and carry only a pinned placeholder on the heads dim, so
+    ``scores @ v`` tracks v's head_dim, not that placeholder), then one kept in the output, then
+    the one most operands carry channels on, then the earliest in the output.
+
+    Example:
+        >>> import torch
+        >>> an = Analysis(torch.fx.symbolic_trace(torch.nn.Identity()))
+        >>> held, free = an.units.new_atom("s", 2, "opaque"), an.units.new_atom("v", 4, "producer")
+        >>> an.units.pin(held, "scores")
+        >>> _tracked_label(an, {"b": [ChannelInfo(1, held)], "j": [ChannelInfo(3, free)]}, "abij")
+        'j'
+    """
+    return max(carried, key=lambda label: (_removable(an, carried[label]), label in out,
+                                           len(carried[label]), -out.find(label)))
+
+
+def _mixed_reason(why: str, label: str, chan: str, out: str) -> str:
+    """Why channels on index ``label`` are pinned where a contraction tracks index ``chan``.
+
+    Example:
+        >>> _mixed_reason("matmul at node 'mm'", "j", "i", "aij").split(": ", 1)[1]
+        "its channels (index 'j', kept in the output) meet channels on index 'i' (kept in the output); its result would carry channels on two dims, a contraction tracks the channels of one index only"
+    """
+    role = lambda l: "kept in the output" if l in out else "summed over"  # noqa: E731
+    two = "its result would carry channels on two dims, " if label in out and chan in out else ""
+    return (f"{why}: its channels (index {label!r}, {role(label)}) meet channels on index {chan!r} "
+            f"({role(chan)}); {two}a contraction tracks the channels of one index only")
+
+
 def contract_labels(an: Analysis, node: fx.Node, operands: Sequence[tuple[Any, str]], out: str,
                     inexact_if_contracted: str | None = None) -> Any:
     """Channel semantics of a contraction given the index labels of every operand and the output."""
@@ -211,13 +249,13 @@ def contract_labels(an: Analysis, node: fx.Node, operands: Sequence[tuple[Any, s
             carried.setdefault(label, []).append(v)
     if not carried:
         return opaque(an, node, f"{why}: no operand carries channels")
-    # Track the index most operands carry channels on (one kept in the output first); channels
-    # carried on any other index meet the tracked ones mixed: those are pinned, with the reason.
-    chan = max(carried, key=lambda label: (label in out, len(carried[label]), -out.find(label)))
+    # Track one index (see _tracked_label: removable channels, kept in the output, most operands);
+    # channels carried on any other index meet the tracked ones mixed: those are pinned, with the reason.
+    chan = _tracked_label(an, carried, out)
     for label, values in carried.items():
         if label != chan:
             for v in values:
-                an.units.pin(v.units, f"{why}: its channels (index {label!r}) are mixed with index {chan!r}")
+                an.units.pin(v.units, _mixed_reason(why, label, chan, out))
     units = next(an.value(a).units for a, labels in operands
                  if isinstance(an.value(a), ChannelInfo) and labels[an.value(a).dim] == chan)
     tracked = lambda v, labels: isinstance(v, ChannelInfo) and labels[v.dim] == chan  # noqa: E731

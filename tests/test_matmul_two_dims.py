@@ -1,0 +1,79 @@
+"""Contractions whose operands carry channels on two different indices.
+
+The scores ``q @ k.T`` of single-head attention sum over head_dim and carry only a pinned
+placeholder (on the heads dim); ``scores @ v`` then tracks v's head_dim, which passes to the
+output (MViTv2's first stage). Channels on two indices kept in the output (EfficientViM's
+``x @ (a * b).T``: embedding rows, state columns) cannot both be tracked: one set stays whole,
+with a reason naming both indices.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+
+from oracle_helpers import blocked_reasons, prune_verified
+
+
+class OneHead(nn.Module):
+    """MViTv2's attention with one head: a ``(B, N, 3, 1, hd)`` view, optional per-head-dim norms
+    on q, k, v (LayerNorm statistics make those channels approximate)."""
+
+    def __init__(self, dim: int = 8, norms: bool = False) -> None:
+        super().__init__()
+        self.norms = norms
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm_q, self.norm_k, self.norm_v = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.scale = dim ** -0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 1, c).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.norms:
+            q, k, v = self.norm_q(q), self.norm_k(k), self.norm_v(v)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class StateMix(nn.Module):
+    """EfficientViM's hidden state ``h = x @ (a * b).T``: rows carry x's channels, columns b's."""
+
+    def __init__(self, dim: int = 8, state: int = 6) -> None:
+        super().__init__()
+        self.inp, self.bproj, self.out = nn.Conv1d(dim, dim, 1), nn.Conv1d(dim, state, 1), nn.Linear(state, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x) @ self.bproj(x).softmax(-1).transpose(-2, -1)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_one_head_attention_prunes_head_dim_exactly(capture: str) -> None:
+    plan, pruned = prune_verified(OneHead(), (torch.randn(2, 5, 8),), capture)
+    assert not [r for r in blocked_reasons(plan) if "index" in r]
+    assert pruned.qkv.out_features < 24 and pruned.proj.in_features < 8
+    head_dim = [g for g in plan.groups if g.removed and any(m.target == "qkv.weight" for m in g.params)]
+    assert head_dim and all(g.exact for g in head_dim)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_one_head_attention_with_norms_is_unblocked_but_approximate(capture: str) -> None:
+    model, x = OneHead(norms=True).double(), torch.randn(2, 5, 8, dtype=torch.float64)
+    plan = fxprune.plan(model, fxprune.Policy(ratio=0.5), (x,), capture=capture)
+    assert not [r for r in blocked_reasons(plan) if "index" in r]
+    head_dim = [g for g in plan.groups if any(m.target == "qkv.weight" for m in g.params) and g.size == 8]
+    assert head_dim and not any(g.exact for g in head_dim)
+    pruned = fxprune.transform(model, fxprune.Policy(ratio=0.5, exact_only=True), (x,), capture=capture)
+    check = fxprune.verify(pruned, inputs=(x,))
+    assert check.ok and check.compared and check.max_error < 1e-9
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_channels_on_two_output_indices_keep_one_set_whole(capture: str) -> None:
+    model = StateMix()
+    plan, pruned = prune_verified(model, (torch.randn(2, 8, 7),), capture)
+    pinned = [why for why in plan.analysis.units.pins.values() if "two dims" in why]
+    assert pinned and all("index 'j', kept in the output" in why and "index 'i'" in why for why in pinned)
+    assert pruned.bproj.out_channels == 6 and pruned.out.in_features == 6  # the state columns stay
