@@ -130,3 +130,18 @@ def test_train_mode_is_preserved_and_not_changed():
     pruned = fxprune.transform(model, fxprune.Policy(ratio=0.5), (torch.randn(2, 3, 8, 8),))
     assert_unchanged(model, before)
     assert pruned.training
+
+
+def test_the_offending_line_is_found_in_a_checkout_named_fxprune(tmp_path):
+    """User code under a directory called ``fxprune`` (a clone of this repository) is still the
+    user's: only torch's and fxprune's own package directories are skipped."""
+    from fxprune.capture.fx_trace import _offending_frame
+    user_dir = tmp_path / "fxprune" / "tests"
+    user_dir.mkdir(parents=True)
+    source = user_dir / "user_model.py"
+    source.write_text("def forward(x):\n    if x > 0:\n        raise ValueError('data-dependent')\n")
+    namespace = {}
+    exec(compile(source.read_text(), str(source), "exec"), namespace)
+    with pytest.raises(ValueError) as info:
+        namespace["forward"](1)
+    assert _offending_frame(info.value).startswith(f"{source}:3 in forward")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import traceback
 from typing import Any, Iterable
@@ -130,9 +131,15 @@ class LeafTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+_LIBRARY_DIRS = (os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), ""),  # torch's package
+                 os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ""))  # fxprune's
+
+
 def _offending_frame(err: BaseException) -> str:
+    """The innermost frame of ``err`` outside torch's and fxprune's own package directories (a
+    user's code may live anywhere, a checkout named ``fxprune`` included)."""
     frames = traceback.extract_tb(err.__traceback__)
-    user = [f for f in frames if "/torch/" not in f.filename and "/fxprune/" not in f.filename]
+    user = [f for f in frames if not os.path.abspath(f.filename).startswith(_LIBRARY_DIRS)]
     if not user:
         return ""
     f = user[-1]
