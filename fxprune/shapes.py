@@ -43,12 +43,13 @@ def _same(x: torch.Tensor) -> torch.Tensor:
     return _empty(x, x.shape)  # empty_like's meta kernel would also work out a memory format
 
 
+def _fits(value: Any, like: torch.Tensor, shape: tuple) -> bool:
+    """``value`` is None or a tensor of ``like``'s dtype with exactly ``shape``."""
+    return value is None or (isinstance(value, torch.Tensor) and value.dtype == like.dtype and tuple(value.shape) == shape)
+
+
 def _params_fit(m: torch.nn.Module, x: torch.Tensor, shape: tuple, names: tuple = ("weight", "bias")) -> bool:
-    for name in names:
-        value = getattr(m, name, None)
-        if value is not None and (tuple(value.shape) != shape or value.dtype != x.dtype):
-            return False
-    return True
+    return all(_fits(getattr(m, name, None), x, shape) for name in names)
 
 
 def _batch_norm(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -205,10 +206,8 @@ def _functional_batch_norm(args: tuple, kwargs: dict) -> torch.Tensor | None:
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point() \
             or set(kwargs) - {*names, "training", "momentum", "eps"}:
         return None
-    for name in names[1:]:
-        v = values.get(name)
-        if v is not None and (not isinstance(v, torch.Tensor) or tuple(v.shape) != (x.shape[1],) or v.dtype != x.dtype):
-            return None
+    if not all(_fits(values.get(name), x, (x.shape[1],)) for name in names[1:]):
+        return None
     if kwargs.get("training", args[5] if len(args) > 5 else False) and x.numel() // x.shape[1] <= 1:
         return None  # the kernel refuses batch statistics of one value per channel
     return _same(x)
@@ -247,11 +246,6 @@ def _bound(args: tuple, kwargs: dict, names: tuple) -> dict | None:
     if len(args) > len(names) or set(kwargs) - set(names) or set(kwargs) & set(names[:len(args)]):
         return None
     return dict(zip(names, args), **kwargs)
-
-
-def _fits(value: Any, like: torch.Tensor, shape: tuple) -> bool:
-    """``value`` is None or a tensor of ``like``'s dtype with exactly ``shape``."""
-    return value is None or (isinstance(value, torch.Tensor) and value.dtype == like.dtype and tuple(value.shape) == shape)
 
 
 def _functional_layer_norm(args: tuple, kwargs: dict) -> torch.Tensor | None:

@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from .layout_rules import getitem as layout_getitem
 from .rules import describe
+from .slice_rules import expand_ellipsis
 from .state import Analysis, ChannelInfo, ParamRef
 from .tensor_rules import param_channels
 from ..shapes import is_tensor_shape
@@ -57,10 +58,7 @@ def sliced_table_dim(shape: tuple, idx: Any) -> tuple[int, int] | None:
             or any(isinstance(e, slice) and not all(b is None or isinstance(b, int) for b in (e.start, e.stop, e.step))
                    for e in entries):
         return None
-    if Ellipsis in entries:
-        i = entries.index(Ellipsis)
-        fill = len(shape) - (len(entries) - 1 - entries.count(None))
-        entries = entries[:i] + [slice(None)] * fill + entries[i + 1:]
+    entries = expand_ellipsis(entries, len(shape))
     used = len(entries) - entries.count(None)
     if used > len(shape):
         return None

@@ -212,11 +212,7 @@ def getitem(an: Analysis, node: fx.Node) -> Any:
     nd = ndim(an, src)
     if any(isinstance(e, fx.Node) or isinstance(e, (list, tuple)) for _, e in entries):
         return opaque(an, node, f"{describe(node)}: advanced indexing of a channel tensor")
-    plain = [e for _, e in entries]
-    if Ellipsis in plain:
-        i = plain.index(Ellipsis)
-        fill = nd - (len(plain) - 1 - plain.count(None))
-        entries = entries[:i] + [(None, slice(None))] * fill + entries[i + 1:]
+    entries = slice_rules.expand_ellipsis(entries, nd, (None, slice(None)), key=lambda pe: pe[1])
     out_dim, in_dim = 0, 0
     for pos, e in entries:
         if e is None:

@@ -41,6 +41,22 @@ def _bound(value: Any, n: int) -> int | None:
     return min(max(value + n if value < 0 else value, 0), n)
 
 
+def expand_ellipsis(entries: list, nd: int, fill: Any = slice(None), key: Any = None) -> list:
+    """``entries`` of an index into ``nd`` dims with its ``...`` replaced by as many ``fill`` as it
+    stands for (``None`` entries add dims and count for none); ``key`` reads an entry's index
+    value when entries carry more (e.g. ``(position, entry)`` pairs).
+
+    Example:
+        >>> expand_ellipsis([Ellipsis, slice(0, 2)], 4)
+        [slice(None, None, None), slice(None, None, None), slice(None, None, None), slice(0, 2, None)]
+    """
+    plain = entries if key is None else [key(e) for e in entries]
+    if Ellipsis not in plain:
+        return entries
+    i = plain.index(Ellipsis)
+    return entries[:i] + [fill] * (nd - (len(plain) - 1 - plain.count(None))) + entries[i + 1:]
+
+
 def slice_bounds(start: Any, stop: Any, n: int, out_size: int) -> tuple[int, int] | None:
     """Effective ``(start, stop)`` of a step-1 slice of a dim of size ``n`` whose result has
     ``out_size`` positions; a bound computed at run time (an ``fx.Node``) is read off the
@@ -329,10 +345,7 @@ def list_index(an: Analysis, node: fx.Node) -> Any:
     if any(isinstance(e, slice) and any(isinstance(b, fx.Node) for b in (e.start, e.stop, e.step)) for e in entries):
         return NotImplemented
     pos, values = picks[0]
-    if Ellipsis in entries:
-        i = entries.index(Ellipsis)
-        fill = nd - (len(entries) - 1 - entries.count(None))
-        entries = entries[:i] + [slice(None)] * fill + entries[i + 1:]
+    entries = expand_ellipsis(entries, nd)
     at = next(k for k, e in enumerate(entries) if not (e is None or isinstance(e, slice)))
     in_dim = sum(1 for e in entries[:at] if e is not None)
     if in_dim >= nd:
