@@ -1,7 +1,7 @@
 """Analysis speed on timm: fxprune's plan+apply beside Torch-Pruning's prune, side by side.
 
     pip install -e ".[zoo,bench]"
-    python benchmarks/timm_speed.py [--models resnet18 ...] [--repeats 3] [--timeout 300]
+    python benchmarks/timm_speed.py [--models resnet18 ... | --both] [--repeats 3] [--timeout 300]
                                     [--json benchmarks/results/timm_speed.json]
 
 One timm model per family (the smallest of each, as ``zoo_coverage.py`` picks them), random
@@ -11,7 +11,8 @@ weights, eval mode, default input size. Per model, in one forked worker (one thr
 2. ``--repeats`` rounds in alternating order (fxprune first in even rounds, Torch-Pruning first in
    odd ones) of ``fxprune.plan`` + ``fxprune.apply`` (``Policy("l1", 0.5)``, default capture) and of
    Torch-Pruning 1.6.1's ``MetaPruner(MagnitudeImportance(p=1), 0.5)`` construction + ``step()`` on
-   a deep copy made off the clock; the median of each is kept, and their ratio.
+   a deep copy made off the clock (with the harness's list of output layers to leave alone); the
+   median of each is kept, and their ratio.
 
 The models both tools handle (both succeed in the warm-up) give the median and max of
 fxprune/Torch-Pruning; the three slowest models of each fxprune stage (trace, shapes, coupling,
@@ -42,6 +43,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "timm_speed.json")
 RATIO = 0.5
 STAGES = ("trace", "shapes", "coupling", "importance", "select", "apply")
+# The timm models (one per module, as zoo_coverage.py picks them) that Torch-Pruning 1.6.1 prunes
+# in this harness: the set the ratios are taken over (``--both``).
+BOTH_HANDLE = ("beit_base_patch16_224", "convmixer_768_32", "cspnext_tiny", "densenet121", "dla46x_c",
+               "ese_vovnet19b_slim_dw", "ghostnet_050", "hardcorenas_b", "hgnetv2_b0", "hrnet_w18_small",
+               "inception_next_atto", "inception_resnet_v2", "inception_v3", "inception_v4", "lcnetv2_small",
+               "legacy_seresnet18", "legacy_xception", "mobilenetv3_small_050", "nasnetalarge", "pnasnet5large",
+               "rdnet_tiny", "regnetx_002", "repghostnet_050", "repvit_m1", "resnetv2_18",
+               "samvit_base_patch16_224", "selecsls42", "starnet_s050", "swiftformer_xs", "test_byobnet",
+               "test_convnext", "test_efficientnet", "test_resnet", "vgg11", "vit_tiny_patch16_dinov3_qkvb",
+               "xception41p")
 
 
 def _load(name: str):
@@ -70,9 +81,10 @@ def _tp_once(model: torch.nn.Module, inputs: tuple, out) -> float:
     import torch_pruning as tp
     work = copy.deepcopy(model)
     example = inputs[0] if len(inputs) == 1 else inputs
+    ignored = zoo._ignored(work, out)  # the harness's choice of output layers: off the clock
     start = time.perf_counter()
     pruner = tp.pruner.MetaPruner(work, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                  pruning_ratio=RATIO, global_pruning=False, ignored_layers=zoo._ignored(work, out),
+                                  pruning_ratio=RATIO, global_pruning=False, ignored_layers=ignored,
                                   output_transform=cov.leaves)
     pruner.step()
     seconds = time.perf_counter() - start
@@ -157,13 +169,14 @@ def summary(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=None)
+    parser.add_argument("--both", action="store_true", help="the 36 models both tools handle (BOTH_HANDLE)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--max-rss-gb", type=float, default=16)
     parser.add_argument("--json", default=OUT)
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --json, run the rest")
     args = parser.parse_args()
-    names = [n for _lib, n in zoo.catalogue(["timm"], args.models)]
+    names = [n for _lib, n in zoo.catalogue(["timm"], list(BOTH_HANDLE) if args.both else args.models)]
     rows = []
     if args.resume and os.path.exists(args.json):
         with open(args.json) as f:
