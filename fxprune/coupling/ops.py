@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import index_rules
 from . import slice_rules
 from . import layout_rules as L
 from . import conv_rules as C
@@ -25,6 +24,10 @@ from . import shuffle as S
 from . import attention_rules as A
 from . import tensor_rules as T
 from . import sdpa_rules as SDPA
+from . import table_rules as TB
+from . import repeat_rules as RP
+from . import rnn_rules as RNN
+from . import position_rules as POS
 
 Rule = Callable[..., Any]
 P = functools.partial
@@ -57,9 +60,8 @@ except ImportError:  # pragma: no cover
 FUNCTION_RULES: dict[Any, Rule] = {
     **{f: R.elementwise for f in _ACTIVATION_FUNCTIONS + _ARITHMETIC_FUNCTIONS},
     **{f: P(R.passthrough, spatial=k) for f, k in _POOL_FUNCTIONS.items()},
-    F.interpolate: P(R.passthrough, spatial=None),
-    F.upsample: P(R.passthrough, spatial=None),
-    F.pad: T.pad,
+    F.interpolate: TB.resize, F.upsample: TB.resize,  # a resized parameter is a per-channel table
+    F.pad: P(slice_rules.pad, fallback=T.pad),  # constant padding of the channel dim: an offset map
     F.softmax: P(R.along_dim, dim_pos=1), F.log_softmax: P(R.along_dim, dim_pos=1),
     torch.softmax: P(R.along_dim, dim_pos=1), torch.log_softmax: P(R.along_dim, dim_pos=1),
     torch.mean: P(R.reduction, rescale=True), torch.amax: R.reduction, torch.amin: R.reduction,
@@ -77,24 +79,25 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.channel_shuffle: S.channel_shuffle,
     torch.max: R.max_min, torch.min: R.max_min,
     torch.cat: L.cat, torch.concat: L.cat, torch.concatenate: L.cat, torch.stack: L.stack,
-    torch.flatten: L.flatten, torch.reshape: L.reshape, torch.unflatten: L.unflatten, torch.permute: L.permute,
+    torch.flatten: L.flatten, torch.reshape: L.reshape, torch.unflatten: L.unflatten, torch.permute: RP.permute,
     torch.transpose: L.transpose, torch.split: L.split, torch.chunk: P(L.split, chunks=True),
-    operator.getitem: L.getitem,
+    operator.getitem: TB.getitem,  # list indices and table[:, index] first, then index_rules.getitem
     getattr: lambda an, node: _getattr(an, node),
 }
 
 _ELEMENTWISE_METHODS = [
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "relu", "relu_", "sigmoid", "sigmoid_",
     "tanh", "tanh_", "exp", "abs", "neg", "sqrt", "rsqrt", "clamp", "clamp_", "clamp_min", "clamp_max",
-    "contiguous", "clone", "detach", "float", "double", "half", "to", "type_as", "__add__", "__mul__", "pow",
+    "__add__", "__mul__", "pow",
 ]
 METHOD_RULES: dict[str, Rule] = {
     **{m: R.elementwise for m in _ELEMENTWISE_METHODS},
+    **{m: TB.param_copy for m in TB.COPY_METHODS},  # a parameter's own table (casts too), else elementwise
     "softmax": P(R.along_dim, dim_pos=1), "log_softmax": P(R.along_dim, dim_pos=1),
     "max": R.max_min, "min": R.max_min,
     "mean": P(R.reduction, rescale=True), "amax": R.reduction, "amin": R.reduction,
     "sum": P(R.reduction, exact_over_channels=True),
-    "flatten": L.flatten, "view": L.reshape, "reshape": L.reshape, "unflatten": L.unflatten, "permute": L.permute,
+    "flatten": L.flatten, "view": L.reshape, "reshape": L.reshape, "unflatten": L.unflatten, "permute": RP.permute,
     "transpose": L.transpose, "split": L.split, "chunk": P(L.split, chunks=True),
     "size": lambda an, node: None, "dim": lambda an, node: None, "numel": lambda an, node: None,
 }
@@ -118,8 +121,8 @@ MODULE_RULES: dict[type, Rule] = {
     nn.UpsamplingBilinear2d: P(R.passthrough, spatial=None),
     nn.Softmax: lambda an, node: _module_along_dim(an, node),
     nn.LogSoftmax: lambda an, node: _module_along_dim(an, node),
-    nn.Conv1d: C.conv_module, nn.Conv2d: C.conv_module, nn.Conv3d: C.conv_module,
-    nn.ConvTranspose1d: C.conv_module, nn.ConvTranspose2d: C.conv_module, nn.ConvTranspose3d: C.conv_module,
+    **{m: P(POS.conv_positions, fallback=C.conv_module)  # CoaT's Conv1d over (B, 3, C) too
+       for m in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)},
     nn.Linear: R.linear_module, nn.Embedding: R.embedding_module,
     nn.BatchNorm1d: R.batch_norm_module, nn.BatchNorm2d: R.batch_norm_module,
     nn.BatchNorm3d: R.batch_norm_module,
@@ -135,17 +138,18 @@ MODULE_RULES: dict[type, Rule] = {
 FUNCTION_RULES.update({
     torch._assert: T.no_channels, torch.roll: T.roll, torch.broadcast_to: T.expand,
     **{f: R.elementwise for f in (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge)},
-    torch.unsqueeze: T.unsqueeze, torch.squeeze: T.squeeze, torch.movedim: T.movedim, torch.unbind: T.unbind,
+    torch.unsqueeze: T.unsqueeze, torch.squeeze: T.squeeze, torch.movedim: T.movedim, torch.unbind: P(POS.unbind, fallback=T.unbind),
     torch.moveaxis: T.movedim, torch.swapaxes: L.transpose, torch.swapdims: L.transpose,
-    torch.einsum: T.einsum, torch.addmm: R.addmm_functional, torch.matmul: T.matmul, operator.matmul: T.matmul, torch.bmm: T.matmul,
+    torch.einsum: T.einsum, torch.addmm: R.addmm_functional, torch.bmm: T.matmul,
+    **{f: P(TB.param_matmul, fallback=T.matmul) for f in (torch.matmul, operator.matmul)},
     F.scaled_dot_product_attention: SDPA.attention,
     **{f: T.creation for f in T.CREATION_SIZE if not isinstance(f, str)},
-    operator.getitem: index_rules.getitem,  # adds parameter tables gathered by index to L.getitem
 })
 METHOD_RULES.update({
-    "expand": T.expand, "expand_as": T.expand, "repeat": T.repeat, "unsqueeze": T.unsqueeze,
+    "expand": T.expand, "expand_as": T.expand, "repeat": P(TB.tile, fallback=T.repeat), "unsqueeze": T.unsqueeze,
     "squeeze": T.squeeze, "movedim": T.movedim, "moveaxis": T.movedim, "swapaxes": L.transpose,
-    "swapdims": L.transpose, "roll": T.roll, "matmul": T.matmul, "bmm": T.matmul, "unbind": T.unbind,
+    "swapdims": L.transpose, "roll": T.roll, "bmm": T.matmul, "unbind": P(POS.unbind, fallback=T.unbind),
+    **{m: P(TB.param_matmul, fallback=T.matmul) for m in ("matmul", "__matmul__")},
     **{m: T.creation for m in T.CREATION_SIZE if isinstance(m, str)},
 })
 FUNCTION_RULES[torch.narrow] = slice_rules.narrow  # an offset map on the channel dim, like a slice
@@ -265,34 +269,25 @@ MODULE_RULES[nn.Unfold] = RR.im2col
 from . import lookup as _lookup  # noqa: E402  (rules read the table through it: see lookup.py)
 
 _lookup.install(rule_for=rule_for, FUNCTION_RULES=FUNCTION_RULES, METHOD_RULES=METHOD_RULES,
-                MODULE_RULES=MODULE_RULES, layout={"permute": L.permute, "transpose": L.transpose}, param_use=PU)
+                MODULE_RULES=MODULE_RULES, elementwise_rules=frozenset({R.elementwise, TB.param_copy}), param_use=PU)
 
 
 # -- writes into slices, constant channel padding, list indices, parameter tables ----------
-from . import table_rules as TB  # noqa: E402
 
 FUNCTION_RULES.update({
-    F.pad: P(slice_rules.pad, fallback=T.pad),  # constant padding of the channel dim: an offset map
     torch.slice_scatter: slice_rules.slice_scatter,
     torch.ops.aten.slice_scatter.default: slice_rules.slice_scatter,  # export without a twin
-    operator.getitem: TB.getitem,  # list indices and table[:, index] first, then index_rules.getitem
-    F.interpolate: TB.resize, F.upsample: TB.resize,  # a resized parameter is a per-channel table
     torch.ops.aten._upsample_bilinear2d_aa.default: TB.resize,  # antialias=True through export
     torch.ops.aten._upsample_bicubic2d_aa.default: TB.resize,
     torch.ops.aten._upsample_bilinear2d_aa.vec: TB.resize, torch.ops.aten._upsample_bicubic2d_aa.vec: TB.resize,
     torch.ops.aten.tile.default: P(TB.tile, fallback=T.repeat),
 })
 FUNCTION_RULES[torch.tile] = P(TB.tile, fallback=T.repeat)
-FUNCTION_RULES.update({f: P(TB.param_matmul, fallback=T.matmul) for f in (torch.matmul, operator.matmul)})
-METHOD_RULES.update({m: P(TB.param_matmul, fallback=T.matmul) for m in ("matmul", "__matmul__")})
-METHOD_RULES.update({"tile": P(TB.tile, fallback=T.repeat), "repeat": P(TB.tile, fallback=T.repeat)})
-METHOD_RULES.update({m: TB.param_copy for m in TB.COPY_METHODS})  # also dtype casts: x.float(), x.to(dtype)
+METHOD_RULES["tile"] = P(TB.tile, fallback=T.repeat)
 METHOD_RULES["copy_"] = slice_rules.copy_into  # x[:, :c] = y through export: copy_ into the slice
 
 
 # -- repeat_interleave, fold (the inverse of unfold), rsub -----------------------------------
-from . import repeat_rules as RP  # noqa: E402
-
 FUNCTION_RULES.update({
     torch.repeat_interleave: RP.repeat_interleave,  # each unit r times in a row along the channel dim
     F.fold: RR.col2im,  # blocks of C * k entries summed into C channels: each block goes whole
@@ -303,17 +298,5 @@ MODULE_RULES[nn.Fold] = RR.col2im
 
 
 # -- recurrent layers: input features consumed by weight_ih_l0, hidden units pinned ----------
-from . import rnn_rules as RNN  # noqa: E402
-
 MODULE_RULES.update({nn.LSTM: RNN.rnn_module, nn.GRU: RNN.rnn_module, nn.RNN: RNN.rnn_module})
 FUNCTION_RULES.update({op: RNN.rnn_aten for op in RNN.ATEN_OPS})  # torch.export's aten.lstm.input, ...
-FUNCTION_RULES[torch.permute] = METHOD_RULES["permute"] = RP.permute  # a permuted parameter table too
-_lookup.install(layout={"permute": RP.permute, "transpose": L.transpose})
-
-
-# -- channels on a dim an op treats as positions; unbind of the channel dim -------------------
-from . import position_rules as POS  # noqa: E402
-
-for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
-    MODULE_RULES[_conv] = P(POS.conv_positions, fallback=MODULE_RULES[_conv])  # CoaT's Conv1d over (B, 3, C)
-FUNCTION_RULES[torch.unbind] = METHOD_RULES["unbind"] = P(POS.unbind, fallback=T.unbind)
