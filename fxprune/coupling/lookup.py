@@ -21,7 +21,7 @@ _TABLE: dict[str, Any] = {}
 
 def install(**entries: Any) -> None:
     """Called by ``ops.py``: ``rule_for``, ``FUNCTION_RULES``, ``METHOD_RULES``, ``MODULE_RULES``,
-    ``layout`` (named layout rules), ``param_use`` (the module)."""
+    ``elementwise_rules`` (see ``is_elementwise``), ``param_use`` (the module)."""
     _TABLE.update(entries)
 
 
@@ -57,5 +57,11 @@ def module_rules() -> dict:
 
 
 def layout_rule(name: str) -> Callable:
-    """A layout rule by name (``"permute"``, ``"transpose"``), for rules that follow moved dims."""
-    return _get("layout")[name]
+    """A layout rule by method name (``"permute"``, ``"transpose"``), for rules that follow moved dims."""
+    return _get("METHOD_RULES")[name]
+
+
+def is_elementwise(rule: Any) -> bool:
+    """``rule`` keeps every element where it is: the broadcasting elementwise rule, or a copy or
+    cast (``clone``, ``.float()``, ``.to(dtype)``: a parameter's own table, else elementwise)."""
+    return rule in _get("elementwise_rules")

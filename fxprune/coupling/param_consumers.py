@@ -75,7 +75,7 @@ def elementwise_user(user: fx.Node) -> bool:
         return False
     rule = lookup.function_rule(user.target) if user.op == "call_function" else \
         lookup.method_rule(user.target) if user.op == "call_method" else None
-    return rule is R.elementwise
+    return lookup.is_elementwise(rule)
 
 
 _SCALINGS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,

@@ -32,6 +32,7 @@ import torch.fx as fx
 
 from .rules import arg, describe, ndim, norm_dim, opaque
 from .state import Analysis, ChannelInfo
+from .tensor_rules import has_removable
 
 
 def _along(m: Any, k: int) -> tuple:
@@ -50,7 +51,7 @@ def conv_positions(an: Analysis, node: fx.Node, fallback: Callable) -> Any:
     x = arg(node, 0, "input")
     v, nd, out_shape = an.tensor_info(x), ndim(an, x), an.shape(node)
     spatial = len(m.kernel_size)
-    if v is None or nd is None or nd not in (spatial + 1, spatial + 2) or all(u in an.units.pins for u in v.units):
+    if v is None or nd is None or nd not in (spatial + 1, spatial + 2) or not has_removable(an, [v]):
         return fallback(an, node)  # pinned ones (a channels-last model input) stay pinned: the conv's own come out
     first = nd - spatial  # unbatched input: (C, L...)
     if v.dim < first:

@@ -117,7 +117,7 @@ def _dims_of(an: Analysis, user: fx.Node, nd: int) -> list[int] | None:
     from . import lookup, rules as R
     rule = lookup.rule_for(an, user)
     rule = getattr(rule, "func", rule)  # functools.partial rows
-    if rule in (R.elementwise, R.passthrough):  # a broadcast that adds leading dims: not followed
+    if rule is R.passthrough or lookup.is_elementwise(rule):  # a broadcast adding leading dims: not followed
         out = an.shape(user)
         return list(range(nd)) if isinstance(out, tuple) and len(out) == nd else None
     if rule is lookup.layout_rule("permute"):

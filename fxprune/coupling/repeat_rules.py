@@ -35,7 +35,6 @@ import torch.fx as fx
 
 from . import layout_rules as L
 from . import lookup
-from . import rules as R
 from . import table_rules as TB
 from .regrid import _consumer_dims
 from .rules import arg, describe, ndim, norm_dim, opaque
@@ -121,7 +120,7 @@ def _reads_dim_one(an: Analysis, node: fx.Node, depth: int = _LOOKAHEAD) -> bool
         rule = getattr(rule, "func", rule)
         if rule is TB.resize and user.args and user.args[0] is node:
             return True
-        if depth and rule in (R.elementwise, TB.param_copy) and _reads_dim_one(an, user, depth - 1):
+        if depth and lookup.is_elementwise(rule) and _reads_dim_one(an, user, depth - 1):
             return True
     return False
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .rules import arg, describe, ndim, norm_dim, opaque
+from .rules import arg, describe, elementwise, ndim, norm_dim, opaque
 from .state import Analysis, ChannelInfo
 
 
@@ -205,7 +205,6 @@ def copy_into(an: Analysis, node: fx.Node) -> Any:
         >>> fxprune.verify(fxprune.apply(plan)).ok
         True
     """
-    from .rules import elementwise
     dst = arg(node, 0, "self")
     if an.tensor_info(dst) is None:
         return opaque(an, node, f"{describe(node)} writes into a tensor whose channels fxprune does not track")

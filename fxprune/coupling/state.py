@@ -232,9 +232,11 @@ class Analysis:
         owner = self.modules.get(path)
         if owner is None:
             owner = self.gm.get_submodule(path)
-        value = owner._parameters.get(name) if name in owner._parameters else owner._buffers.get(name)
-        return value if value is not None or name in owner._parameters or name in owner._buffers \
-            else getattr(owner, name)
+        if name in owner._parameters:
+            return owner._parameters[name]
+        if name in owner._buffers:
+            return owner._buffers[name]
+        return getattr(owner, name)
 
     def shape(self, node: fx.Node) -> Any:
         return shape(node)

@@ -18,9 +18,9 @@ from typing import Any
 import torch.fx as fx
 
 from . import index_rules, slice_rules
-from .rules import describe, elementwise, opaque, passthrough
+from .rules import arg, describe, elementwise, opaque, passthrough
 from .state import Analysis, ChannelInfo, ParamRef
-from .tensor_rules import param_channels
+from .tensor_rules import has_removable, param_channels
 from ..shapes import is_tensor_shape
 
 
@@ -44,7 +44,7 @@ def resize(an: Analysis, node: fx.Node) -> Any:
         >>> tuple(pruned.pos.shape), fxprune.verify(pruned).ok
         ((1, 3, 2, 2), True)
     """
-    x = node.args[0] if node.args else node.kwargs.get("input")
+    x = arg(node, 0, "input")
     p, out_shape = an.value(x), an.shape(node)
     if not isinstance(p, ParamRef):
         return passthrough(an, node, spatial=None)
@@ -113,7 +113,7 @@ def tile(an: Analysis, node: fx.Node, fallback: Any) -> Any:
         >>> tuple(pruned.win.shape), fxprune.verify(pruned).ok
         ((1, 3, 2, 2), True)
     """
-    x = node.args[0] if node.args else node.kwargs.get("input")
+    x = arg(node, 0, "input")
     p, out_shape = an.value(x), an.shape(node)
     if not isinstance(p, ParamRef):
         return fallback(an, node)
@@ -158,11 +158,6 @@ def param_copy(an: Analysis, node: fx.Node) -> Any:
 _CASTS = frozenset(COPY_METHODS) - {"clone", "contiguous", "detach"}
 
 
-def _prunable(an: Analysis, v: Any) -> bool:
-    """``v`` holds channels some of which are not pinned (pinned ones are never removed)."""
-    return isinstance(v, ChannelInfo) and any(u not in an.units.pins for u in v.units)
-
-
 def param_matmul(an: Analysis, node: fx.Node, fallback: Any) -> Any:
     """``a @ W`` with ``W`` a parameter table of shape ``(..., K, C)`` and ``a`` data that
     carries no prunable channels (an index turned one-hot, a pinned opaque value): column ``c``
@@ -186,7 +181,7 @@ def param_matmul(an: Analysis, node: fx.Node, fallback: Any) -> Any:
     """
     a, w = (node.args + (None, None))[:2]
     p, out_shape = an.value(w), an.shape(node)
-    if not isinstance(p, ParamRef) or _prunable(an, an.value(a)) or not is_tensor_shape(out_shape) \
+    if not isinstance(p, ParamRef) or (isinstance(an.value(a), ChannelInfo) and has_removable(an, [an.value(a)])) or not is_tensor_shape(out_shape) \
             or len(out_shape) < 2:
         return fallback(an, node)
     shape = tuple(an.param_tensor(p.target).shape)

@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from . import lookup
 from .rules import arg, describe, ndim, norm_dim, opaque
 from .state import Analysis, ChannelInfo, ParamRef
 from ..shapes import is_tensor_shape
@@ -194,7 +195,7 @@ def _without_broadcasts(an: Analysis, operands: Sequence[tuple[Any, str]]) -> li
 _BROADCAST = "?"  # a label no contraction uses: the operand's size-1 dim broadcasts
 
 
-def _removable(an: Analysis, values: Sequence[ChannelInfo]) -> bool:
+def has_removable(an: Analysis, values: Sequence[ChannelInfo]) -> bool:
     """True unless every unit of every value is already pinned (an opaque result's placeholder,
     a model input): pinned units are never removed, so tracking them gains nothing."""
     pins = an.units.pins
@@ -215,7 +216,7 @@ def _tracked_label(an: Analysis, carried: dict[str, list], out: str) -> str:
         >>> _tracked_label(an, {"b": [ChannelInfo(1, held)], "j": [ChannelInfo(3, free)]}, "abij")
         'j'
     """
-    return max(carried, key=lambda label: (_removable(an, carried[label]), label in out,
+    return max(carried, key=lambda label: (has_removable(an, carried[label]), label in out,
                                            len(carried[label]), -out.find(label)))
 
 
@@ -373,18 +374,15 @@ def set_creation_size(node: fx.Node, dim: int, value: int) -> None:
 
 
 def _is_elementwise(an: Analysis, node: fx.Node) -> bool:
-    from . import lookup
-    from .rules import elementwise
-    return node.op in ("call_function", "call_method") and lookup.rule_for(an, node) is elementwise
+    return node.op in ("call_function", "call_method") and lookup.is_elementwise(lookup.rule_for(an, node))
 
 
 def _met_channels(an: Analysis, cur: fx.Node, user: fx.Node) -> list[tuple[ChannelInfo, int]]:
     """(tracked channels, ndim of the shape they are aligned in) that ``cur`` meets at ``user``:
     the other operands of an elementwise op; a query's batch dims (heads) for the attention
     mask of ``scaled_dot_product_attention``, which broadcasts against the scores."""
-    from . import lookup
     out = []
-    if user.op == "call_function" and lookup.function_rule(user.target) is lookup.function_rule(F.scaled_dot_product_attention) \
+    if user.op == "call_function" and user.target is F.scaled_dot_product_attention \
             and arg(user, 3, "attn_mask") is cur:
         q = arg(user, 0, "query")
         v, nd = an.tensor_info(q), ndim(an, q)
