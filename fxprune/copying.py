@@ -113,3 +113,18 @@ def copy_graph_module(gm: fx.GraphModule, memo: dict | None = None, codegen: boo
         copied._graph = state["_graph"]
         copied._graph.owning_module = copied
     return copied
+
+
+def eval_copy(module: nn.Module) -> nn.Module:
+    """A private deep copy of ``module`` in eval mode, sharing the plan a pruned module carries in
+    ``meta["fxprune"]`` (read-only; copying it would copy the traced model and its graph too).
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(2, 2)).train()
+        >>> c = eval_copy(m)
+        >>> c is not m, c.training, m.training
+        (True, False, True)
+    """
+    meta = getattr(module, "meta", None)
+    plan = meta.get("fxprune") if isinstance(meta, dict) else None
+    return copy.deepcopy(module, {} if plan is None else {id(plan): plan}).eval()

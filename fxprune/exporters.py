@@ -16,7 +16,6 @@ Example:
 """
 from __future__ import annotations
 
-import copy
 import errno
 import importlib.util
 import os
@@ -27,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from .atomic import atomic_path
+from .copying import eval_copy
 from .errors import FxPruneError
 from .saving import (PICKLE_VERSION, SAVE_FORMAT, SAVE_VERSION, LoadError, SaveError, _as_tuple, _describe,
                      load, save)
@@ -64,14 +64,6 @@ class ExportError(FxPruneError, ValueError):
     def __init__(self, format: str, reason: str, hint: str):
         self.format, self.reason, self.hint = format, reason, hint
         super().__init__(f"export as {format!r} failed: {reason} (hint: {hint})")
-
-
-def _eval_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A private copy in eval mode, so exporting never changes the caller's module (the plan a
-    pruned module carries in its meta is shared, not copied: exporting only reads it)."""
-    meta = getattr(model, "meta", None)
-    plan = meta.get("fxprune") if isinstance(meta, dict) else None
-    return copy.deepcopy(model, {} if plan is None else {id(plan): plan}).eval()
 
 
 def _export_torchscript_trace(model, path, inputs, opset):
@@ -150,7 +142,7 @@ def export(model: torch.nn.Module, path: str | os.PathLike, example_inputs: Any,
                 # The caller chose the format; upstream deprecation notices are not news to them.
                 warnings.filterwarnings("ignore", category=FutureWarning, message=".*deprecated.*")
                 warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*legacy.*")
-                _EXPORTERS[format](_eval_copy(model), str(tmp), inputs, opset)
+                _EXPORTERS[format](eval_copy(model), str(tmp), inputs, opset)
         except ExportError:
             raise
         except Exception as err:  # every exporter has its own exception types; report them uniformly
@@ -212,7 +204,7 @@ def check_onnx(path: str | os.PathLike, model: torch.nn.Module, example_inputs: 
     feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, feeds_in)}
     got = session.run(None, feeds)
     with torch.no_grad():
-        expected = _flatten_tensors(_eval_copy(model)(*inputs))
+        expected = _flatten_tensors(eval_copy(model)(*inputs))
     if len(got) != len(expected):
         raise ExportError("onnx", f"the file has {len(got)} outputs, the model {len(expected)}",
                           "non-tensor or constant outputs are dropped by ONNX; return tensors only")

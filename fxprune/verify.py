@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .copying import eval_copy
 from .errors import VerificationError
 from .rewrite.apply import _apply_edits
 
@@ -164,7 +165,7 @@ def verify(pruned: fx.GraphModule, inputs: tuple | None = None, plan=None, toler
         raise VerificationError("no plan: pass plan= or a module returned by fxprune.transform")
     inputs = plan.example_inputs if inputs is None else (inputs if isinstance(inputs, tuple) else (inputs,))
     expected = masked_outputs(plan, inputs)
-    model = copy.deepcopy(pruned, {id(plan): plan}).eval()  # the plan in its meta is read, not copied
+    model = eval_copy(pruned)
     with torch.no_grad():
         got = model(*inputs)
     leaves = _leaves(expected)

@@ -41,6 +41,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .relift import resolve
+
 _HOPS = torch.ops.higher_order
 AUTOCAST = getattr(_HOPS, "wrap_with_autocast", None)
 SET_GRAD = getattr(_HOPS, "wrap_with_set_grad_enabled", None)
@@ -102,13 +104,6 @@ def region_reason(node: fx.Node) -> str | None:
     return f"grad-mode region could not be inlined{at}"
 
 
-def _attr(root: nn.Module, target: str) -> Any:
-    value: Any = root
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def _adopt(gm: fx.GraphModule, value: Any, hint: str) -> str:
     """Register ``value`` (a body's own attribute) on ``gm`` under a fresh top-level name."""
     base = "region_" + hint.replace(".", "_")
@@ -141,7 +136,7 @@ def _splice(gm: fx.GraphModule, node: fx.Node, body: fx.GraphModule, operands: t
             if inner.op == "output":
                 outputs = fx.node.map_arg(inner.args[0], lambda n: env[n])
             elif inner.op == "get_attr":
-                env[inner] = gm.graph.get_attr(_adopt(gm, _attr(body, inner.target), inner.target))
+                env[inner] = gm.graph.get_attr(_adopt(gm, resolve(body, inner.target), inner.target))
             else:
                 env[inner] = gm.graph.node_copy(inner, lambda n: env[n])
         if context is not None:
@@ -167,7 +162,7 @@ def _inline_one(gm: fx.GraphModule, node: fx.Node) -> bool:
     if not all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
                for u in users):
         return False
-    body = _attr(gm, body_node.target)
+    body = resolve(gm, body_node.target)
     if not isinstance(body, fx.GraphModule):
         return False
     inline_regions(body)  # nested regions first
@@ -181,15 +176,8 @@ def _inline_one(gm: fx.GraphModule, node: fx.Node) -> bool:
     if not body_node.users:
         gm.graph.erase_node(body_node)
         if not any(n.op == "get_attr" and n.target == body_node.target for n in gm.graph.nodes):
-            _drop(gm, body_node.target)
+            gm.delete_submodule(body_node.target)
     return True
-
-
-def _drop(gm: fx.GraphModule, target: str) -> None:
-    owner_path, _, field = target.rpartition(".")
-    owner = _attr(gm, owner_path) if owner_path else gm
-    if field in owner._modules:
-        del owner._modules[field]
 
 
 def inline_regions(gm: fx.GraphModule) -> int:

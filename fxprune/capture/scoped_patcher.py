@@ -58,7 +58,6 @@ class _ScopedPatcher(_st._Patcher):
     def patch_method(self, cls: type, name: str, new_fn: Callable[..., Any], deduplicate: bool = True) -> None:
         if cls is not nn.Module or name not in _MODULE_PATCHES:
             return super().patch_method(cls, name, new_fn, deduplicate)
-        new_fn.__fx_already_patched = deduplicate  # type: ignore[attr-defined]
         inherited = getattr(nn.Module, name)
         for c in self.classes:
             if getattr(c, name) is inherited:  # torch.fx's patch of nn.Module would reach it

@@ -8,7 +8,7 @@ width ``F``.
 - a removed ``E`` channel is zero in q and in k, so its term ``q_e * k_e`` is zero in every
   score: the scores lose nothing but that term. The default ``scale`` is ``1 / sqrt(E)`` of the
   width the call sees, so a pruned call gets an explicit ``scale=`` equal to the original one
-  (``fxprune.rewrite.sdpa_scale``); a scale the user gave is kept. Exact.
+  (``fxprune.rewrite.literals.sdpa_scale``); a scale the user gave is kept. Exact.
 - a removed ``F`` channel is zero in v, so output column ``f`` is zero (the softmax weights do
   not read v): it passes through like a per-channel value. Exact.
 
@@ -53,7 +53,7 @@ from .state import Analysis, ChannelInfo, ParamRef
 from .tensor_rules import _BROADCAST, _without_broadcasts, contract_labels
 
 QK, VALUE = "E", "F"  # the query/key width and the value width (PyTorch's docs name them so)
-SCALE_LITERAL = "sdpa_scale"  # the literal kind, rewritten by fxprune.rewrite.sdpa_scale
+SCALE_LITERAL = "sdpa_scale"  # the literal kind, rewritten by fxprune.rewrite.literals.sdpa_scale
 
 
 def operands(an: Analysis, node: fx.Node) -> tuple[list[tuple[Any, str]], str] | None:

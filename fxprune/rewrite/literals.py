@@ -30,7 +30,6 @@ from ..coupling.tensor_rules import set_creation_size
 from ..shapes import shape
 from .window_attention import inline as inline_window_attention
 from .attention import decompose as decompose_attention, repeat_kv
-from .sdpa_scale import keep_scale as sdpa_scale
 
 
 def _set_arg(node: fx.Node, pos: int, name: str, value: Any) -> None:
@@ -38,6 +37,25 @@ def _set_arg(node: fx.Node, pos: int, name: str, value: Any) -> None:
         node.args = node.args[:pos] + (value,) + node.args[pos + 1:]
     else:
         node.kwargs = {**node.kwargs, name: value}
+
+
+def sdpa_scale(node: fx.Node, payload: tuple, kept: Callable) -> None:
+    """``F.scaled_dot_product_attention`` whose query/key width was cut: ``scale=`` the original
+    default ``1/sqrt(E)`` (recorded by ``coupling/sdpa_rules.py``), so the pruned scores are the
+    masked original's; a call keeping its whole width stays as it was.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> g = torch.fx.Graph()
+        >>> q, k, v = (g.placeholder(n) for n in "qkv")
+        >>> node = g.call_function(F.scaled_dot_product_attention, (q, k, v))
+        >>> sdpa_scale(node, ((0, 1, 2, 3), 0.5), kept=lambda units: 2)
+        >>> node.kwargs
+        {'scale': 0.5}
+    """
+    units, scale = payload
+    if kept(units) != len(units):
+        _set_arg(node, 6, "scale", scale)  # (query, key, value, attn_mask, dropout_p, is_causal, scale)
 
 
 def normalized_shape(node: fx.Node, payload: tuple, kept: Callable) -> None:
