@@ -132,8 +132,8 @@ def test_capture_fx_asked_for_is_retried_with_timm_leaves_and_stays_on_fx():
 
 
 def test_capture_fx_asked_for_still_raises_where_timm_leaves_do_not_help():
-    with pytest.raises(TraceError) as err:
-        capture(BranchOnValues(), X, how="fx")
+    with pytest.raises(TraceError) as err:  # through the public entry point, not only capture()
+        fxprune.plan(BranchOnValues(), fxprune.Policy(ratio=0.5), X, capture="fx")
     assert err.value.failed_inside == ()  # FX failed outside every timm layer: nothing to retry
 
 
