@@ -1,5 +1,6 @@
 """Counts of the timm sweep by outcome, before/after: ok-exact, ok-approx, partial (>50% of the
-prunable channels blocked), no-reduction, failure.
+prunable channels blocked), no-reduction, failure; then fxprune ok, oracle ok, captures through
+export and the mean and max blocked share.
 
     python benchmarks/timm_sweep_summary.py benchmarks/results/zoo_timm_after.json [RERUN.json ...]
     python benchmarks/timm_sweep_summary.py BEFORE.json --exactness EXACTNESS.json   # older sweeps
@@ -41,6 +42,21 @@ def summarise(rows: list[dict], exactness: dict[str, int]) -> tuple[collections.
     return counts, which
 
 
+def coverage_line(rows: list[dict]) -> str:
+    """fxprune ok, oracle ok, captures through export, and the blocked share of prunable channels
+    (mean over the models that transform, max with its model)."""
+    fx = [r.get("fx") or {} for r in rows]
+    ok = [(r["model"], f) for r, f in zip(rows, fx) if f.get("ok")]
+    shares = [((f.get("blocked") or {}).get("share", 0.0), m) for m, f in ok]
+    line = (f"fxprune ok {len(ok)}/{len(rows)}, oracle ok {sum(1 for f in fx if (f.get('oracle') or {}).get('ok'))}"
+            f"/{len(rows)}, through export {sum(1 for f in fx if f.get('capture') == 'export')}")
+    if shares:
+        top = max(shares)
+        line += (f"; blocked share of prunable channels: mean {100 * sum(s for s, _ in shares) / len(shares):.2f}%, "
+                 f"max {100 * top[0]:.1f}% ({top[1]})")
+    return line
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sweeps", nargs="+", help="zoo_coverage JSON files; a later file's rows replace earlier ones")
@@ -57,6 +73,7 @@ def main() -> None:
         exactness = {e["model"]: e["approx"] for e in json.load(open(args.exactness)) if "approx" in e}
     counts, which = summarise(rows, exactness)
     print(", ".join(f"{o} {counts.get(o, 0)}" for o in OUTCOMES) + f" (of {len(rows)})")
+    print(coverage_line(rows))
     extra = set(counts) - set(OUTCOMES)
     for o in extra:
         print(f"{o}: {counts[o]}")
