@@ -63,7 +63,7 @@ def _captured_with_shapes(model: torch.nn.Module, inputs: tuple, timings: dict, 
         if info.frontend != "fx" or how == "export":
             raise
         why = StageError("shapes", None, f"the FX graph did not run: {first_line(shape_err)}")
-        if not info.timm_leaves:
+        if info.fx_error is None:  # not yet retried: timm's layers kept whole, all of them
             with stage("trace", timings):
                 retried = timm_leaf_retry(model, leaf_modules, concrete_args, why, requested=how)
             if retried is not None:

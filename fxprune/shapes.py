@@ -52,8 +52,13 @@ def _params_fit(m: torch.nn.Module, x: torch.Tensor, shape: tuple, names: tuple 
     return all(_fits(getattr(m, name, None), x, shape) for name in names)
 
 
-def _batch_norm(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """Eval-mode batch norm: the input's shape when the channel count fits everything."""
+def batch_norm_shape(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Eval-mode batch norm: the input's shape when the channel count fits everything.
+
+    Example:
+        >>> batch_norm_shape(torch.nn.BatchNorm2d(4).eval(), torch.empty(2, 4, 3, 3, device="meta")).shape
+        torch.Size([2, 4, 3, 3])
+    """
     c = (m.num_features,)
     if x.dim() >= 2 and x.shape[1] == m.num_features and not m.training \
             and _params_fit(m, x, c, ("weight", "bias", "running_mean", "running_var")):
@@ -83,9 +88,17 @@ def _linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _conv(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def conv_shape(m: torch.nn.Module, x: torch.Tensor, same: bool = False) -> torch.Tensor | None:
     """Conv1d/2d/3d output shape, after the kernel's checks (channels, groups, weight and bias
-    shapes, dtype); None (the meta kernel decides) for anything unusual, e.g. unbatched input."""
+    shapes, dtype); None (the meta kernel decides) for anything unusual, e.g. unbatched input.
+    ``same``: the input is first padded as timm's ``pad_same`` does (TensorFlow's "SAME").
+
+    Example:
+        >>> conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+        >>> x = torch.empty(1, 3, 9, 9, device="meta")
+        >>> conv_shape(conv, x).shape, conv_shape(conv, x, same=True).shape
+        (torch.Size([1, 8, 4, 4]), torch.Size([1, 8, 5, 5]))
+    """
     n, w = len(m.kernel_size), m.weight
     if w is None or x.dim() != n + 2 or x.shape[1] != m.in_channels or m.in_channels % m.groups \
             or m.out_channels % m.groups or w.dtype != x.dtype \
@@ -95,11 +108,14 @@ def _conv(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         raise ValueError(f"conv bias of shape {tuple(m.bias.shape)} for {m.out_channels} output channels")
     spatial = []
     for i, size in enumerate(x.shape[2:]):
+        k, s, d = m.kernel_size[i], m.stride[i], m.dilation[i]
+        if same:  # timm's get_same_padding: both sides together
+            size += max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
         if m.padding == "same":
             out = size
         else:
             pad = 0 if m.padding == "valid" else m.padding[i]
-            out = (size + 2 * pad - m.dilation[i] * (m.kernel_size[i] - 1) - 1) // m.stride[i] + 1
+            out = (size + 2 * pad - d * (k - 1) - 1) // s + 1
         if out <= 0:
             return None
         spatial.append(out)
@@ -119,9 +135,9 @@ def _adaptive_pool(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 # defers to the meta kernel. These modules' meta kernels (decompositions, for norms above all)
 # cost far more than the shapes they return. Keyed by exact type: a subclass may change forward.
 _SHAPE_RULES = {
-    torch.nn.BatchNorm1d: _batch_norm, torch.nn.BatchNorm2d: _batch_norm, torch.nn.BatchNorm3d: _batch_norm,
+    torch.nn.BatchNorm1d: batch_norm_shape, torch.nn.BatchNorm2d: batch_norm_shape, torch.nn.BatchNorm3d: batch_norm_shape,
     torch.nn.LayerNorm: _layer_norm, torch.nn.GroupNorm: _group_norm, torch.nn.Linear: _linear,
-    torch.nn.Conv1d: _conv, torch.nn.Conv2d: _conv, torch.nn.Conv3d: _conv,
+    torch.nn.Conv1d: conv_shape, torch.nn.Conv2d: conv_shape, torch.nn.Conv3d: conv_shape,
     torch.nn.AdaptiveAvgPool1d: _adaptive_pool, torch.nn.AdaptiveAvgPool2d: _adaptive_pool,
     torch.nn.AdaptiveAvgPool3d: _adaptive_pool,
     **{cls: lambda _m, x: _same(x) for cls in (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU, torch.nn.Hardswish,
@@ -327,6 +343,23 @@ _FUNCTION_RULES = {operator.add: _binary, operator.mul: _binary, operator.sub: _
                                           operator.neg, torch.nn.functional.dropout)}}
 _METHOD_RULES = {"add": _binary, "mul": _binary, "sub": _binary, "div": _binary,
                  "sigmoid": _unary, "relu": _unary, "tanh": _unary, "mean": _mean, "neg": _unary}
+def register_shape_rule(cls: type, rule: Any) -> None:
+    """Give modules of exactly type ``cls`` a shape rule ``rule(module, x) -> meta tensor | None``
+    (None: the meta kernel decides); ``coupling.timm_rules`` registers timm's layers this way.
+
+    Example:
+        >>> class Double(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return torch.cat([x, x], 1)
+        >>> register_shape_rule(Double, lambda m, x: _empty(x, (x.shape[0], 2 * x.shape[1], *x.shape[2:])))
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), Double()))
+        >>> _ = propagate(gm, (torch.randn(1, 3, 5, 5),))
+        >>> [n.meta["fxprune"]["shape"] for n in gm.graph.nodes][-2]
+        (1, 8, 5, 5)
+    """
+    _SHAPE_RULES[cls] = rule
+
+
 # Modules called with several inputs: (module, args, kwargs) -> output or None.
 _MODULE_CALL_RULES = {torch.nn.MultiheadAttention: _attention}
 

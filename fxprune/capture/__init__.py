@@ -44,7 +44,8 @@ class CaptureInfo:
 
     ``frontend`` is ``"fx"`` or ``"export"``; ``requested`` the ``capture=`` argument; ``fx_error``
     the first line of FX's first failure when ``auto`` tried again (with ``timm_leaves`` kept
-    whole, ``frontend`` then ``"fx"``) or fell back to export.
+    whole, ``frontend`` then ``"fx"``) or fell back to export; ``timm_leaves`` with no
+    ``fx_error``: the timm layers FX kept whole from the start (``timm_rules.default_leaves``).
 
     Example:
         >>> CaptureInfo("export", "auto", "TraceError: ...").reason
@@ -62,6 +63,9 @@ class CaptureInfo:
     def reason(self) -> str:
         if self.timm_leaves and self.frontend == "fx":
             asked = "" if self.requested == "auto" else f"capture={self.requested!r} was asked for; "
+            if self.fx_error is None:
+                return (f"{asked}torch.fx traced the model (the fast path) with timm's leaf layers "
+                        f"({', '.join(self.timm_leaves)}) kept whole, as timm registers them for torch.fx")
             return (f"{asked}torch.fx with timm's leaf layers ({', '.join(self.timm_leaves)}) kept whole: "
                     f"tracing through them failed ({self.fx_error})")
         if self.requested != "auto":
@@ -144,11 +148,13 @@ def capture(model: torch.nn.Module, inputs: tuple, how: str = "auto", leaf_modul
     with _CAPTURE_LOCK:
         if how == "export":
             return capture_export(model, inputs, concrete_args), CaptureInfo("export", how)
+        names, kept = _default_timm_leaves(model, leaf_modules)
+        leaves = tuple(leaf_modules) + names
         try:
-            return trace(model, leaf_modules, concrete_args), CaptureInfo("fx", how)
+            return trace(model, leaves, concrete_args), CaptureInfo("fx", how, None, tuple(t.__name__ for t in kept))
         except TraceError as fx_err:
-            retried = timm_leaf_retry(model, leaf_modules, concrete_args, fx_err,
-                                      getattr(fx_err, "failed_inside", ()), requested=how)
+            retried = timm_leaf_retry(model, leaves, concrete_args, fx_err,
+                                      getattr(fx_err, "failed_inside", ()), requested=how, kept=kept)
             if retried is not None:
                 return retried
             if how == "fx":
@@ -156,16 +162,27 @@ def capture(model: torch.nn.Module, inputs: tuple, how: str = "auto", leaf_modul
             return export_fallback(model, inputs, concrete_args, fx_err)
 
 
+def _default_timm_leaves(model: torch.nn.Module, leaf_modules: Iterable) -> tuple[tuple[str, ...], tuple[type, ...]]:
+    """``timm_rules.default_leaves``: the timm layers FX keeps whole from the start (names, types);
+    ((), ()) without importing timm when the model holds no timm module."""
+    from ..coupling import ops  # noqa: F401  (installs the op table the rows read)
+    from ..coupling.timm_rules import default_leaves, is_timm
+    if not any(is_timm(m) for m in model.modules()):
+        return (), ()
+    return default_leaves(model, leaf_modules)
+
+
 def timm_leaf_retry(model: torch.nn.Module, leaf_modules: Iterable, concrete_args: dict | None,
                     fx_err: BaseException, failed_inside: Iterable[type] | None = None,
-                    requested: str = "auto") -> tuple[fx.GraphModule, CaptureInfo] | None:
+                    requested: str = "auto", kept: tuple = ()) -> tuple[fx.GraphModule, CaptureInfo] | None:
     """FX again with the timm layers FX failed inside kept whole as leaves, where fxprune has a
     coupling rule for them and timm registers them as not traceable (``timm_rules.leaf_types``);
     a retry that fails inside another such layer adds it and tries again. ``failed_inside``: the
     module types the first failure happened in (``TraceError.failed_inside``); None (the failure's
     place is unknown): every such layer of the model at once. None where no such layer is on the
     failure's path or the last retry fails outside them. timm is imported only for a model that
-    holds a timm module. ``requested``: the ``capture=`` argument the ``CaptureInfo`` records.
+    holds a timm module. ``requested``: the ``capture=`` argument the ``CaptureInfo`` records;
+    ``kept``: the types already kept whole by default (named in ``leaf_modules``), reported too.
 
     Example:
         >>> import torch, timm.layers as tl
@@ -197,7 +214,8 @@ def timm_leaf_retry(model: torch.nn.Module, leaf_modules: Iterable, concrete_arg
                     return None
                 inside = getattr(err, "failed_inside", ())
                 continue
-            return gm, CaptureInfo("fx", requested, first_line(fx_err), tuple(t.__name__ for t in leaves))
+            reported = tuple(dict.fromkeys((*kept, *leaves)))
+            return gm, CaptureInfo("fx", requested, first_line(fx_err), tuple(t.__name__ for t in reported))
 
 
 def export_fallback(model: torch.nn.Module, inputs: tuple, concrete_args: dict | None,

@@ -34,11 +34,12 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch.fx as fx
 import torch.nn as nn
 
+from .. import shapes
 from . import conv_rules as C
 from . import norm_rules as N
 from . import rules as R
@@ -99,6 +100,42 @@ def leaf_types(model: nn.Module) -> tuple[type, ...]:
     return tuple(leaves)
 
 
+def default_leaves(model: nn.Module, given: Iterable = ()) -> tuple[tuple[str, ...], tuple[type, ...]]:
+    """The timm layers FX keeps whole by default: (their names in ``model``, their types in the
+    model's order).
+
+    A layer qualifies when its exact type is one of :func:`leaf_types` (a row here, and timm
+    registers it as not traceable, as timm's own FX feature extraction keeps it) and its row takes
+    it as it is (a norm's ``act``/``drop`` per-channel): kept whole it then prunes exactly as
+    traced through, in a graph a fraction of the size (a ``BatchNormAct2d`` is one node instead of
+    a dozen). Instances are named, not types, so a subclass with its own forward, or a layer its
+    row would block, is still traced through. Types in ``given`` (the caller's ``leaf_modules``)
+    are left to the caller. () for a model without timm layers (timm is not imported).
+
+    Example:
+        >>> import torch, timm.layers as tl, fxprune.coupling.ops
+        >>> m = torch.nn.Sequential(tl.BatchNormAct2d(8), tl.BatchNormAct2d(8, act_layer=nn.Softmax2d))
+        >>> names, types = default_leaves(m)
+        >>> names, [t.__name__ for t in types]
+        (('0',), ['BatchNormAct2d'])
+    """
+    kinds = leaf_types(model)
+    if not kinds:
+        return (), ()
+    given_types = tuple(t for t in given if isinstance(t, type))
+    names, types = [], []
+    for name, m in model.named_modules():
+        cls = type(m)
+        if not name or cls not in kinds or (given_types and isinstance(m, given_types)):
+            continue
+        if getattr(module_rule(m), "checks_act", False) and act_problem(m) is not None:
+            continue
+        names.append(name)
+        if cls not in types:
+            types.append(cls)
+    return tuple(names), tuple(types)
+
+
 def _notrace_modules() -> frozenset:
     """The module types timm registers as leaves for FX (empty where this timm has no registry)."""
     try:
@@ -109,10 +146,19 @@ def _notrace_modules() -> frozenset:
     return frozenset(get() if get is not None else getattr(_fx, "_leaf_modules", ()))
 
 
-def _per_channel(an: Analysis, node: fx.Node, m: nn.Module, names: tuple = ("drop", "act")) -> str | None:
-    """None when every submodule in ``names`` is per-channel (a passthrough row), else why not."""
+def act_problem(m: nn.Module, names: tuple = ("drop", "act")) -> str | None:
+    """None when every submodule of ``m`` in ``names`` is a per-channel module fxprune knows
+    (a passthrough row), else which one is not.
+
+    Example:
+        >>> import timm.layers as tl, fxprune.coupling.ops
+        >>> act_problem(tl.BatchNormAct2d(8)) is None
+        True
+        >>> act_problem(tl.BatchNormAct2d(8, act_layer=nn.Softmax2d))
+        'its act (Softmax2d) is not a per-channel module fxprune knows'
+    """
     from .lookup import module_rules
-    MODULE_RULES = module_rules()
+    MODULE_RULES = module_rules()  # installed when ``ops`` loads: the caller loads it
     for name in names:
         sub = getattr(m, name, None)
         if sub is None:
@@ -122,16 +168,17 @@ def _per_channel(an: Analysis, node: fx.Node, m: nn.Module, names: tuple = ("dro
         if rule is None and is_timm(sub):
             rule = module_rule(sub)
         if rule is not R.passthrough:
-            return f"{R.describe(node)}: its {name} ({type(sub).__name__}) is not a per-channel module fxprune knows"
+            return f"its {name} ({type(sub).__name__}) is not a per-channel module fxprune knows"
     return None
 
 
 def _with_act(norm_rule: Callable) -> Callable:
     """A norm followed by ``drop`` and ``act``: the norm's rule when both are per-channel."""
     def rule(an: Analysis, node: fx.Node) -> Any:
-        why = _per_channel(an, node, an.modules[node.target])
-        return R.opaque(an, node, why) if why else norm_rule(an, node)
+        why = act_problem(an.modules[node.target])
+        return R.opaque(an, node, f"{R.describe(node)}: {why}") if why else norm_rule(an, node)
     rule.__doc__ = f"{norm_rule.__name__}, then per-channel ``drop`` and ``act``"
+    rule.checks_act = True
     return rule
 
 
@@ -224,7 +271,31 @@ FIXER_ROWS: dict[str, Callable] = {
 }
 
 
-def _resolve(name: str) -> type | None:
+# -- shape rules (``fxprune.shapes``) for the layers FX keeps whole ------------------------------
+def _std_conv_shape(m: nn.Module, x: Any) -> Any:
+    """``StdConv2d``/``ScaledStdConv2d`` (and ``*Same``): a conv whose weight is standardised in
+    place; ``gain`` has one entry per output channel."""
+    gain = getattr(m, "gain", None)
+    if gain is not None and gain.numel() != m.out_channels:
+        return None
+    return shapes.conv_shape(m, x, same=bool(getattr(m, "same_pad", False)))
+
+
+def _with_act_shape(norm: Callable) -> Callable:
+    """A norm followed by ``drop`` and ``act``: the norm's shape when both are per-channel."""
+    return lambda m, x: None if act_problem(m) is not None else norm(m, x)
+
+
+SHAPE_ROWS: dict[str, Callable] = {  # the meta kernels of these decompose the whole layer
+    "norm_act:BatchNormAct2d": _with_act_shape(shapes.batch_norm_shape),
+    "norm_act:FrozenBatchNormAct2d": _with_act_shape(shapes.batch_norm_shape),
+    "conv2d_same:Conv2dSame": functools.partial(shapes.conv_shape, same=True),
+    **{f"std_conv:{n}": _std_conv_shape for n in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d",
+                                                  "ScaledStdConv2dSame")},
+}
+
+
+def resolve(name: str) -> type | None:
     """``"module:Class"`` under ``timm.layers`` as a type; None where this timm lacks it."""
     import importlib
     module, _, cls = name.partition(":")
@@ -236,10 +307,15 @@ def _resolve(name: str) -> type | None:
 
 @functools.lru_cache(maxsize=None)
 def _table() -> dict:
-    """``ROWS`` by type (timm imported here, on first use); registers ``FIXER_ROWS`` with the rewrite."""
+    """``ROWS`` by type (timm imported here, on first use); registers ``FIXER_ROWS`` with the
+    rewrite and ``SHAPE_ROWS`` with the shape pass."""
     from ..rewrite import slicers
     for name, fixer in FIXER_ROWS.items():
-        cls = _resolve(name)
+        cls = resolve(name)
         if cls is not None:
             slicers.register_fixer(cls, fixer)
-    return {cls: rule for name, rule in ROWS.items() if (cls := _resolve(name)) is not None}
+    for name, shape_rule in SHAPE_ROWS.items():
+        cls = resolve(name)
+        if cls is not None:
+            shapes.register_shape_rule(cls, shape_rule)
+    return {cls: rule for name, rule in ROWS.items() if (cls := resolve(name)) is not None}

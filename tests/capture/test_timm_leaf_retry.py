@@ -1,5 +1,7 @@
-"""capture="auto": FX failing inside timm's layers that compute "same" padding in Python
-(Conv2dSame, MaxPool2dSame, ...) is retried with those layers kept whole before torch.export."""
+"""timm's layers under FX: those timm registers as not traceable (Conv2dSame, BatchNormAct2d,
+MaxPool2dSame, ...) and fxprune has a row for are kept whole from the start; where one is not
+(``no_default_leaves``: a layer outside that set), FX failing inside it is retried with it kept
+whole before torch.export."""
 import copy
 import subprocess
 import sys
@@ -42,6 +44,14 @@ def _net(**kw):
     return SameNet(**kw).eval()
 
 
+@pytest.fixture
+def no_default_leaves(monkeypatch):
+    """FX traces through every timm layer first, as it does for a layer not kept whole by
+    default: the retry below is what then keeps it whole."""
+    import fxprune.capture as capture_module
+    monkeypatch.setattr(capture_module, "_default_timm_leaves", lambda model, leaf_modules: ((), ()))
+
+
 def _exact_in_float64(model, inputs):
     pruned = fxprune.transform(copy.deepcopy(model).double(), fxprune.Policy(ratio=0.5, exact_only=True),
                                tuple(t.double() for t in inputs))
@@ -50,7 +60,49 @@ def _exact_in_float64(model, inputs):
     return pruned
 
 
-def test_fx_fails_inside_conv2d_same_and_is_retried_with_timm_leaves():
+def test_timm_registered_layers_are_kept_whole_from_the_start():
+    plan = fxprune.plan(_net(), fxprune.Policy(ratio=0.5), X)
+    info = plan.capture
+    assert info["frontend"] == "fx" and info["fx_error"] is None
+    assert info["timm_leaves"] == ["Conv2dSame", "BatchNormAct2d", "MaxPool2dSame"]
+    assert info["reason"] == ("torch.fx traced the model (the fast path) with timm's leaf layers (Conv2dSame, "
+                              "BatchNormAct2d, MaxPool2dSame) kept whole, as timm registers them for torch.fx")
+    calls = [n.target for n in plan.traced.graph.nodes if n.op == "call_module"]
+    assert calls == ["conv", "bn", "pool", "eca", "head"]  # eca: an nn.Identity here
+    pruned = fxprune.apply(plan)
+    assert pruned.conv.out_channels == 4 and pruned.bn.num_features == 4 and pruned.head.in_channels == 4
+    assert fxprune.verify(pruned).ok
+    assert _exact_in_float64(_net(), X).bn.weight.shape == (4,)
+
+
+def test_kept_whole_prunes_what_tracing_through_prunes(monkeypatch):
+    """BatchNormAct2d kept whole or traced through: the same channels go, the same outputs."""
+    import fxprune.capture as capture_module
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), tl.BatchNormAct2d(8), nn.Conv2d(8, 8, 3, groups=8),
+                          tl.BatchNormAct2d(8, act_layer=nn.SiLU), nn.Conv2d(8, 4, 1)).eval()
+    for bn in (model[1], model[3]):
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    whole = fxprune.apply(fxprune.plan(model, fxprune.Policy(ratio=0.5), X))
+    assert whole.meta["fxprune"].capture["timm_leaves"] == ["BatchNormAct2d"]
+    monkeypatch.setattr(capture_module, "_default_timm_leaves", lambda model, leaf_modules: ((), ()))
+    through = fxprune.apply(fxprune.plan(model, fxprune.Policy(ratio=0.5), X))
+    assert through.meta["fxprune"].capture["timm_leaves"] == []
+    assert not any(n.op == "call_module" and n.target == "1" for n in through.graph.nodes)
+    assert {k: v.shape for k, v in whole.named_parameters()} == {k: v.shape for k, v in through.named_parameters()}
+    assert torch.equal(whole(*X), through(*X))
+
+
+def test_a_norm_whose_act_its_row_would_block_is_traced_through():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), tl.BatchNormAct2d(8), tl.BatchNormAct2d(8, act_layer=nn.Softmax2d),
+                          nn.Conv2d(8, 4, 1)).eval()
+    plan = fxprune.plan(model, fxprune.Policy(ratio=0.5), X)
+    modules = {n.target for n in plan.traced.graph.nodes if n.op == "call_module"}
+    assert "1" in modules and "2" not in modules and "2.act" in modules  # its softmax is traced as what it is
+    assert plan.capture["timm_leaves"] == ["BatchNormAct2d"]
+
+
+def test_fx_fails_inside_conv2d_same_and_is_retried_with_timm_leaves(no_default_leaves):
     plan = fxprune.plan(_net(), fxprune.Policy(ratio=0.5), X)
     info = plan.capture
     assert info["frontend"] == "fx" and info["requested"] == "auto"
@@ -70,12 +122,14 @@ def test_fx_fails_inside_conv2d_same_and_is_retried_with_timm_leaves():
 
 
 def test_timm_model_with_same_padding_stays_on_fx():
+    """Kept whole from the start: FX never fails inside them."""
     torch.manual_seed(0)
     model = timm.create_model("tf_mobilenetv3_small_minimal_100", pretrained=False, num_classes=10).eval()
     inputs = (torch.randn(1, 3, 64, 64),)
     pruned = _exact_in_float64(model, inputs)
     info = pruned.meta["fxprune"].capture
-    assert info["frontend"] == "fx" and info["timm_leaves"] == ["Conv2dSame"]
+    assert info["frontend"] == "fx" and info["fx_error"] is None
+    assert info["timm_leaves"] == ["Conv2dSame", "BatchNormAct2d"]
     assert pruned.meta["fxprune"].removed_channels()  # it pruned
 
 
@@ -85,9 +139,14 @@ def test_a_layer_without_a_rule_or_not_registered_by_timm_is_never_a_leaf():
     assert leaf_types(nn.Sequential(nn.Conv2d(3, 8, 3))) == ()
 
 
-def test_leaves_the_user_gave_are_not_listed_again():
+def test_leaves_the_user_gave_are_not_listed_again(no_default_leaves):
     plan = fxprune.plan(_net(), fxprune.Policy(ratio=0.5), X, leaf_modules=[tl.Conv2dSame])
     assert plan.capture["frontend"] == "fx" and plan.capture["timm_leaves"] == ["MaxPool2dSame"]
+
+
+def test_leaves_the_user_gave_are_not_listed_as_default_leaves():
+    plan = fxprune.plan(_net(), fxprune.Policy(ratio=0.5), X, leaf_modules=[tl.Conv2dSame])
+    assert plan.capture["timm_leaves"] == ["BatchNormAct2d", "MaxPool2dSame"]
 
 
 class BranchOnValues(nn.Module):
@@ -121,7 +180,7 @@ def test_a_failure_outside_timm_layers_falls_back_to_export_without_a_retry():
     assert info.reason.startswith("torch.fx failed")
 
 
-def test_capture_fx_asked_for_is_retried_with_timm_leaves_and_stays_on_fx():
+def test_capture_fx_asked_for_is_retried_with_timm_leaves_and_stays_on_fx(no_default_leaves):
     gm, info = capture(_net(), X, how="fx")
     assert info.frontend == "fx" and info.requested == "fx"
     assert info.timm_leaves == ("Conv2dSame", "MaxPool2dSame")
@@ -137,7 +196,7 @@ def test_capture_fx_asked_for_still_raises_where_timm_leaves_do_not_help():
     assert err.value.failed_inside == ()  # FX failed outside every timm layer: nothing to retry
 
 
-def test_shapes_failure_of_the_fx_graph_is_retried_with_timm_leaves(monkeypatch):
+def test_shapes_failure_of_the_fx_graph_is_retried_with_timm_leaves(monkeypatch, no_default_leaves):
     """An FX graph that traced through a timm layer but does not run: the layers kept whole
     (here BatchNormAct2d, which FX traces) before torch.export is tried."""
     import fxprune.analysis as analysis
