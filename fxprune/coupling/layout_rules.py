@@ -6,7 +6,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from .rules import arg, describe, ndim, norm_dim, opaque
+from .rules import arg, describe, ndim, norm_dim, opaque, permute_dims
 from . import slice_rules
 from .attention_rules import split_heads
 from .gqa_rules import repeat_kv
@@ -176,12 +176,7 @@ def permute(an: Analysis, node: fx.Node) -> Any:
     nd = ndim(an, x)
     if v is None or nd is None:
         return opaque(an, node)
-    dims = node.args[1:] if node.op == "call_method" else (arg(node, 1, "dims"),)
-    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
-        dims = dims[0]
-    if not dims and "dims" in node.kwargs:
-        dims = node.kwargs["dims"]
-    dims = [norm_dim(d, nd) for d in dims]
+    dims = [norm_dim(d, nd) for d in permute_dims(node)]
     return ChannelInfo(dims.index(v.dim), v.units)
 
 

@@ -166,18 +166,14 @@ def linear(an: Analysis, node: fx.Node) -> Any:
     x, w_node, b_node = R.arg(node, 0, "input"), R.arg(node, 1, "weight"), R.arg(node, 2, "bias")
     nd = R.ndim(an, x)
     if why or nd is None:
-        for e in (an.value(w_node), an.value(b_node)):
-            if isinstance(e, ParamExpr):
-                freeze(an, e, f"{R.describe(node)} is blocked")
+        _freeze_all(an, node, (an.value(w_node), an.value(b_node)))
         return R.opaque(an, node, f"{R.describe(node)}: {why or 'its input has no known shape'}")
     weight, wexpr = weight_of(an, node)
     b = an.value(b_node) if b_node is not None else None
     bias, bexpr = (b.target, None) if isinstance(b, ParamRef) else (None, b)
     cols = ((weight, 0),) if weight is not None else PC.column_sources(an, wexpr) if wexpr is not None else None
     if cols is None:
-        for e in (wexpr, bexpr):
-            if e is not None:
-                freeze(an, e, f"{R.describe(node)} is blocked")
+        _freeze_all(an, node, (wexpr, bexpr))
         return R.opaque(an, node, f"{R.describe(node)}: its weight {not_rowwise(an, w_node)}")
     params = (*(t for t, _ in cols), bias, *(t for e in (wexpr, bexpr) if e is not None for t, _, _ in e.sources))
     through = R.batch_dim_channels(an, node, x, nd - 1, params)
@@ -195,6 +191,13 @@ def linear(an: Analysis, node: fx.Node) -> Any:
         if bexpr is not None:
             declare(an, node, bexpr, None, out.units, None)
     return out
+
+
+def _freeze_all(an: Analysis, node: fx.Node, values: tuple) -> None:
+    """``freeze`` each computed parameter among ``values`` (a blocked ``node`` reads them whole)."""
+    for e in values:
+        if isinstance(e, ParamExpr):
+            freeze(an, e, f"{R.describe(node)} is blocked")
 
 
 def _stacked(an: Analysis, node: fx.Node, x: Any, x_dim: int, rows: int, cols: tuple, bias: str | None) -> ChannelInfo:

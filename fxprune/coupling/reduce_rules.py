@@ -194,6 +194,16 @@ def linalg_norm(an: Analysis, node: fx.Node) -> Any:
 
 
 # -- sliding windows -----------------------------------------------------------------------
+def _block_op(an: Analysis, node: fx.Node) -> tuple:
+    """(channels, input shape, output shape) of an unfold/fold node; (None, None, None) when
+    its input carries no channels or a shape is unknown."""
+    x = arg(node, 0, "input")
+    v, in_shape, out_shape = an.tensor_info(x), an.shape(x), an.shape(node)
+    if v is None or not is_tensor_shape(in_shape) or not is_tensor_shape(out_shape):
+        return None, None, None
+    return v, in_shape, out_shape
+
+
 def im2col(an: Analysis, node: fx.Node) -> Any:
     """``F.unfold`` / ``nn.Unfold``: ``(N, C, H, W) -> (N, C * k, L)``, channel ``c`` owning
     entries ``[c * k, (c + 1) * k)`` of dim 1 (unbatched: dim 0); channels on a spatial dim are
@@ -205,9 +215,8 @@ def im2col(an: Analysis, node: fx.Node) -> Any:
         >>> FUNCTION_RULES[torch.nn.functional.unfold] is MODULE_RULES[torch.nn.Unfold] is im2col
         True
     """
-    x = arg(node, 0, "input")
-    v, in_shape, out_shape = an.tensor_info(x), an.shape(x), an.shape(node)
-    if v is None or not is_tensor_shape(in_shape) or not is_tensor_shape(out_shape) or len(in_shape) < 3:
+    v, in_shape, out_shape = _block_op(an, node)
+    if v is None or len(in_shape) < 3:
         return opaque(an, node)
     c = len(in_shape) - 3
     if v.dim < c:
@@ -236,10 +245,8 @@ def col2im(an: Analysis, node: fx.Node) -> Any:
         >>> FUNCTION_RULES[torch.nn.functional.fold] is MODULE_RULES[torch.nn.Fold] is col2im
         True
     """
-    x = arg(node, 0, "input")
-    v, in_shape, out_shape = an.tensor_info(x), an.shape(x), an.shape(node)
-    if v is None or not is_tensor_shape(in_shape) or not is_tensor_shape(out_shape) \
-            or len(in_shape) not in (2, 3) or len(out_shape) != len(in_shape) + 1:
+    v, in_shape, out_shape = _block_op(an, node)
+    if v is None or len(in_shape) not in (2, 3) or len(out_shape) != len(in_shape) + 1:
         return opaque(an, node)
     c = len(in_shape) - 2
     if v.dim < c:

@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention_rules import _feeds_contraction
-from .rules import arg, describe, norm_dim
+from .rules import arg, describe, norm_dim, permute_dims
 from .state import Analysis, ChannelInfo
 from .units import long_tensor
 
@@ -121,9 +121,7 @@ def _dims_of(an: Analysis, user: fx.Node, nd: int) -> list[int] | None:
         out = an.shape(user)
         return list(range(nd)) if isinstance(out, tuple) and len(out) == nd else None
     if rule is lookup.layout_rule("permute"):
-        dims = user.args[1:] if user.op == "call_method" else (arg(user, 1, "dims"),)
-        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
-            dims = dims[0]
+        dims = permute_dims(user)
         return [norm_dim(d, nd) for d in dims] if all(isinstance(d, int) for d in dims) else None
     if rule is lookup.layout_rule("transpose"):
         d0, d1 = arg(user, 1, "dim0"), arg(user, 2, "dim1")

@@ -37,7 +37,7 @@ from . import layout_rules as L
 from . import lookup
 from . import table_rules as TB
 from .regrid import _consumer_dims
-from .rules import arg, describe, ndim, norm_dim, opaque
+from .rules import arg, describe, ndim, norm_dim, opaque, permute_dims
 from .state import Analysis, ChannelInfo, ParamRef
 from .tensor_rules import param_channels
 from ..shapes import is_tensor_shape
@@ -151,9 +151,7 @@ def permute(an: Analysis, node: fx.Node) -> Any:
     if not isinstance(p, ParamRef):
         return L.permute(an, node)
     shape = tuple(an.param_tensor(p.target).shape)
-    dims = node.args[1:] if node.op == "call_method" else (arg(node, 1, "dims"),)
-    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
-        dims = dims[0]
+    dims = permute_dims(node)
     if not dims or not all(isinstance(d, int) for d in dims) or len(dims) != len(shape):
         return opaque(an, node, f"{describe(node)}: its dims are not literal ints")
     dims = [norm_dim(d, len(shape)) for d in dims]

@@ -31,6 +31,23 @@ def norm_dim(d: int, nd: int) -> int:
     return d + nd if d < 0 else d
 
 
+def permute_dims(node: fx.Node) -> list:
+    """The dims of a ``permute`` node as written (``x.permute(0, 2, 1)``, ``x.permute((0, 2, 1))``,
+    ``torch.permute(x, dims)``, ``dims=`` by keyword); entries may be negative or not ints.
+
+    Example:
+        >>> gm = fx.symbolic_trace(lambda x: x.permute(0, -1, 1))
+        >>> permute_dims(next(n for n in gm.graph.nodes if n.op == "call_method"))
+        [0, -1, 1]
+    """
+    dims = node.args[1:] if node.op == "call_method" else (arg(node, 1, "dims"),)
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    if not dims and "dims" in node.kwargs:
+        dims = node.kwargs["dims"]
+    return list(dims)
+
+
 _MODULE_TYPES: "weakref.WeakKeyDictionary[fx.Graph, dict[str, str]]" = weakref.WeakKeyDictionary()
 
 
