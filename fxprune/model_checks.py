@@ -16,6 +16,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Iterable, Iterator
 
@@ -89,6 +90,8 @@ def _hook_problems(module: nn.Module, where: str, dropped: bool) -> Iterator[tup
 
 def _legacy_reparametrization(module: nn.Module) -> str | None:
     """The advice for a legacy ``spectral_norm``/``weight_norm`` pre-hook, or None."""
+    if not module._forward_pre_hooks:
+        return None
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
     for hook in module._forward_pre_hooks.values():
@@ -124,12 +127,18 @@ def _parametrization_problems(module: nn.Module) -> Iterator[str]:
                        f"pruned tensor cannot be assigned to it; add right_inverse or call {fix} first")
 
 
-def _is_quantized(module: nn.Module) -> bool:
+@functools.lru_cache(maxsize=None)
+def _quantized_type(cls: type) -> bool:
+    """An observer, fake-quantize or quantized/QAT module class (read once per class)."""
     from torch.ao.quantization import FakeQuantizeBase, ObserverBase
-    if isinstance(module, (ObserverBase, FakeQuantizeBase)):
+    if issubclass(cls, (ObserverBase, FakeQuantizeBase)):
         return True
-    path = type(module).__module__
-    if any(path == p or path.startswith(p + ".") for p in _QUANTIZED_PACKAGES):
+    path = cls.__module__
+    return any(path == p or path.startswith(p + ".") for p in _QUANTIZED_PACKAGES)
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    if _quantized_type(type(module)):
         return True
     return any(t.is_quantized for t in (*module._parameters.values(), *module._buffers.values())
                if isinstance(t, torch.Tensor))
