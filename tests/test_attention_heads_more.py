@@ -10,16 +10,7 @@ from torchvision.models import maxvit, swin_transformer as swin
 
 import fxprune
 from fxprune import model_zoo
-
-
-def _exact(model, inputs, policy=None, capture="auto"):
-    """Transform in float64 with exact groups only; the oracle must hold within 1e-9."""
-    m64 = copy.deepcopy(model).double().eval()
-    x64 = tuple(x.double() if x.is_floating_point() else x for x in inputs)
-    pruned = fxprune.transform(m64, policy or fxprune.Policy(ratio=0.5, exact_only=True), x64, capture=capture)
-    result = fxprune.verify(pruned, inputs=x64)
-    assert result.ok and result.exact and result.compared >= 1, result
-    return pruned, pruned.meta["fxprune"]
+from oracle_helpers import prune_verified
 
 
 class _Bias(nn.Module):
@@ -51,7 +42,7 @@ MAKERS = {
 @pytest.mark.parametrize("name,capture", [(n, "fx") for n in sorted(MAKERS)] + [("zeros", "export"), ("new_zeros", "export")])
 def test_creation_op_sized_by_heads_loses_the_removed_heads(name, capture):
     torch.manual_seed(0)
-    pruned, plan = _exact(_Bias(MAKERS[name]), (torch.randn(2, 5, 8),), capture=capture)
+    plan, pruned = prune_verified(_Bias(MAKERS[name]), (torch.randn(2, 5, 8),), capture, exact_only=True)
     heads = [g for g in plan.groups if g.kind == "head"]
     assert len(heads) == 1 and heads[0].size == 2 and heads[0].kept == 1, [(g.size, g.kind) for g in plan.groups]
     assert not plan.blocked_ops or all("creation" not in why for _, why in plan.blocked_ops)
@@ -73,7 +64,7 @@ def test_creation_op_without_a_channel_consumer_stays_whole():
 def test_t5_cross_attention_heads_go_with_the_zeros_position_bias():
     pytest.importorskip("transformers")
     model, inputs = model_zoo.transformers_model("t5")  # torch.fx cannot trace T5: torch.export's graph
-    pruned, plan = _exact(model, inputs, capture="export")
+    plan, pruned = prune_verified(model, inputs, "export", exact_only=True)
     cross = [g for g in plan.groups if g.kind == "head"
              and any("EncDecAttention" in p.target for p in g.params)]
     assert cross and all(g.removed and not g.blocked for g in cross), [(g.size, g.kept) for g in cross]
@@ -97,7 +88,7 @@ def _tiny_swin(v2: bool, depths=(2, 2)):
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 def test_torchvision_swin_heads_go_apart_from_the_stream(v2):
     model, inputs = _tiny_swin(v2)
-    pruned, plan = _exact(model, inputs)
+    plan, pruned = prune_verified(copy.deepcopy(model), inputs, exact_only=True)  # model: reused below
     assert not plan.blocked_ops, plan.blocked_ops
     assert "shifted_window_attention" not in pruned.code  # inlined with the kept head count
     for stage, heads in ((1, 2), (3, 4)):
@@ -125,7 +116,7 @@ def test_torchvision_swin_heads_go_apart_from_the_stream(v2):
 def test_torchvision_maxvit_heads_are_their_own_groups_with_their_bias_column():
     torch.manual_seed(0)
     model = maxvit.MaxVit((16, 16), 8, 2, [8, 16], [1, 1], 4, 0.0, num_classes=3).eval()
-    pruned, plan = _exact(model, (torch.randn(2, 3, 16, 16),))
+    plan, pruned = prune_verified(model, (torch.randn(2, 3, 16, 16),), exact_only=True)
     heads = [g for g in plan.groups if g.kind == "head"]
     assert len(heads) == 4 and all(g.removed and g.exact for g in heads)  # window and grid attention, 2 stages
     for g in heads:

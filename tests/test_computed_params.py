@@ -10,21 +10,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
+from oracle_helpers import prune_verified
 
 CAPTURES = ["fx", "export"]
 
 
 def _exact(model: nn.Module, inputs: tuple, capture: str) -> tuple:
-    """``(plan, pruned)`` at ``Policy(ratio=0.5, exact_only=True)`` in float64; asserts that
-    something was removed and that the pruned model equals the mask oracle."""
-    torch.manual_seed(0)
-    model = model.double().eval()
-    inputs = tuple(t.double() for t in inputs)
-    plan = fxprune.plan(model, fxprune.Policy("l1", 0.5, exact_only=True), inputs, capture=capture)
+    """``prune_verified`` at ``Policy(ratio=0.5, exact_only=True)`` with the oracle within 1e-9;
+    also asserts that something was removed."""
+    plan, pruned = prune_verified(model, inputs, capture, exact_only=True, max_error=1e-9, seed=0)
     assert any(g.removed for g in plan.groups)
-    pruned = fxprune.apply(plan)
-    check = fxprune.verify(pruned, inputs=inputs)
-    assert check.ok and check.compared and check.max_error < 1e-9, check
     return plan, pruned
 
 

@@ -9,8 +9,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 import fxprune
+from oracle_helpers import prune_verified
 
 CAPTURES = ["fx", "export"]
+EXACT = dict(exact_only=True, max_error=1e-9, seed=0)  # float64, exact groups only, oracle within 1e-9
 
 
 class LinearRNN(nn.Module):
@@ -53,18 +55,6 @@ def _inputs(model):
     return (torch.randn(2, 5, 3) if _batch_first(model.rnn) else torch.randn(5, 2, 3),)
 
 
-def _prune_exact(model: nn.Module, inputs: tuple, capture: str):
-    """``(plan, pruned)`` in float64 with ``exact_only=True``; asserts the oracle holds to 1e-9."""
-    torch.manual_seed(0)
-    model = model.double().eval()
-    inputs = tuple(t.double() for t in inputs)
-    plan = fxprune.plan(model, fxprune.Policy("l1", 0.5, exact_only=True), inputs, capture=capture)
-    pruned = fxprune.apply(plan)
-    check = fxprune.verify(pruned, inputs=inputs)
-    assert check.ok and check.compared and check.max_error < 1e-9, check
-    return plan, pruned
-
-
 def _weight_ih_owner(pruned, capture):
     """The module holding ``weight_ih_l0`` in the pruned graph (export keeps a plain Module)."""
     return pruned.get_submodule("rnn")
@@ -85,7 +75,7 @@ RNNS = {
 def test_upstream_channels_pruned_exactly(kind, capture):
     torch.manual_seed(0)
     model = LinearRNN(RNNS[kind]())
-    plan, pruned = _prune_exact(model, _inputs(model), capture)
+    plan, pruned = prune_verified(model, _inputs(model), capture, **EXACT)
     pruned_groups = [g for g in plan.groups if g.removed]
     assert [(g.size, g.kept) for g in pruned_groups] == [(8, 4)]
     rnn = _weight_ih_owner(pruned, capture)
@@ -94,7 +84,8 @@ def test_upstream_channels_pruned_exactly(kind, capture):
         assert getattr(rnn, name).shape[1] == 4
     gates = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}[type(model.rnn)]
     for layer in range(1, model.rnn.num_layers):  # upper layers read the hidden state: whole
-        assert rnn.weight_ih_l1.shape == (gates * 6, (model.rnn.proj_size or 6) * directions)
+        for name in [f"weight_ih_l{layer}", f"weight_ih_l{layer}_reverse"][:directions]:
+            assert getattr(rnn, name).shape == (gates * 6, (model.rnn.proj_size or 6) * directions)
     assert pruned.get_submodule("inp").out_features == 4
     if capture == "fx":
         assert rnn.input_size == 4
@@ -104,7 +95,7 @@ def test_upstream_channels_pruned_exactly(kind, capture):
 def test_hidden_channels_blocked_with_reason(capture):
     torch.manual_seed(0)
     model = ConvLSTM()
-    plan, pruned = _prune_exact(model, _inputs(model), capture)
+    plan, pruned = prune_verified(model, _inputs(model), capture, **EXACT)
     assert [(g.size, g.kept) for g in plan.groups if g.removed] == [(8, 4)]
     rnn_node = next(n.name for n in plan.traced.graph.nodes if "lstm" in str(n.target) or n.target == "rnn")
     reasons = [why for node, why in plan.blocked_ops if node == rnn_node]
@@ -122,7 +113,7 @@ def test_flat_weights_follow_the_sliced_parameter():
     """nn.LSTM's forward reads its cached ``_flat_weights``: they must be the sliced tensors."""
     torch.manual_seed(0)
     model = LinearRNN(nn.LSTM(8, 6, num_layers=2, bidirectional=True, batch_first=True))
-    _, pruned = _prune_exact(model, _inputs(model), "fx")
+    _, pruned = prune_verified(model, _inputs(model), "fx", **EXACT)
     rnn = pruned.rnn
     assert all(w is getattr(rnn, n) for w, n in zip(rnn._flat_weights, rnn._flat_weights_names))
     fresh = nn.LSTM(4, 6, num_layers=2, bidirectional=True, batch_first=True).double()
@@ -137,7 +128,7 @@ def test_pruned_module_retraces_and_scripts(kind):
     model = LinearRNN(RNNS[kind]())
     x = tuple(t.double() for t in _inputs(model))
     torch.jit.script(fx.symbolic_trace(model))  # the original scripts
-    _, pruned = _prune_exact(model, x, "fx")
+    _, pruned = prune_verified(model, x, "fx", **EXACT)
     expected = pruned(*x)
     retraced = fx.symbolic_trace(pruned)
     torch.testing.assert_close(retraced(*x), expected, rtol=0, atol=0)
@@ -164,7 +155,7 @@ class GivenState(nn.Module):
 @pytest.mark.parametrize("capture", CAPTURES)
 def test_initial_state_is_pinned(capture):
     torch.manual_seed(0)
-    plan, _ = _prune_exact(GivenState(), (torch.randn(2, 5, 3),), capture)
+    plan, _ = prune_verified(GivenState(), (torch.randn(2, 5, 3),), capture, **EXACT)
     assert [(g.size, g.kept) for g in plan.groups if g.removed] == [(8, 4)]
     state = next(g for g in plan.groups if any(p.owner == "state" and p.role == "producer" for p in g.params))
     assert state.blocked and any("recurrent state" in why for why in state.pinned.values())
@@ -185,7 +176,7 @@ class TimeOnChannels(nn.Module):
 
 def test_channels_on_the_time_dim_are_pinned():
     torch.manual_seed(0)
-    plan, pruned = _prune_exact(TimeOnChannels(), (torch.randn(2, 3, 5),), "fx")
+    plan, pruned = prune_verified(TimeOnChannels(), (torch.randn(2, 3, 5),), "fx", **EXACT)
     conv = next(g for g in plan.groups if any(p.owner == "conv" and p.role == "producer" for p in g.params))
     assert conv.blocked and not conv.removed
     assert any("feature (last) dim" in why for why in conv.pinned.values())
@@ -206,7 +197,7 @@ class SharedLSTM(nn.Module):
 
 def test_module_called_twice_couples_its_inputs():
     torch.manual_seed(0)
-    plan, pruned = _prune_exact(SharedLSTM(), (torch.randn(2, 5, 3),), "fx")
+    plan, pruned = prune_verified(SharedLSTM(), (torch.randn(2, 5, 3),), "fx", **EXACT)
     group = next(g for g in plan.groups if g.removed)
     assert {p.owner for p in group.params if p.role == "producer"} == {"a", "b"}
     assert pruned.rnn.input_size == 4 == pruned.a.out_features == pruned.b.out_features
@@ -217,6 +208,6 @@ def test_unbatched_input(capture):
     """An unbatched (T, C) input: the features are still the last dim."""
     torch.manual_seed(0)
     model = LinearRNN(nn.GRU(8, 6, bidirectional=True))
-    plan, pruned = _prune_exact(model, (torch.randn(5, 3),), capture)
+    plan, pruned = prune_verified(model, (torch.randn(5, 3),), capture, **EXACT)
     assert [(g.size, g.kept) for g in plan.groups if g.removed] == [(8, 4)]
     assert pruned.rnn.weight_ih_l0_reverse.shape == (18, 4)

@@ -8,21 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
+from oracle_helpers import prune_verified
 
 timm = pytest.importorskip("timm")
 import timm.layers as tl  # noqa: E402
 
 CAPTURES = ["fx", "export"]
-
-
-def _exact(model, inputs, capture="fx", **kw):
-    """Float64 transform with exact_only and the oracle's verdict."""
-    model = model.double().eval()
-    inputs = tuple(t.double() for t in inputs)
-    pruned = fxprune.transform(model, fxprune.Policy(ratio=0.5, exact_only=True), inputs, capture=capture, **kw)
-    check = fxprune.verify(pruned, inputs=inputs)
-    assert check.ok, check
-    return pruned, pruned.meta["fxprune"]
 
 
 def _owners(group):
@@ -56,7 +47,7 @@ class Gating(nn.Module):
 def test_linear_over_tokens_passes_channels_exactly(capture, functional):
     model = Gating(functional=functional)
     original = model.proj.weight.detach().double().clone()
-    pruned, plan = _exact(model, (torch.randn(2, 5, 8),), capture)
+    plan, pruned = prune_verified(model, (torch.randn(2, 5, 8),), capture, exact_only=True)
     g = _group(plan, "fc1")
     assert g.size == 6 and g.exact and not g.blocked and len(g.removed) == 3
     assert not any(p.target.startswith("proj") for grp in plan.groups for p in grp.params)
@@ -75,7 +66,7 @@ def test_addmm_over_a_batch_dim_passes_channels():
         def forward(self, x):  # x: (1, 3, 5); addmm maps the 5 positions of each channel to 4
             return self.b(torch.addmm(self.bias, self.a(x).squeeze(0), self.w).unsqueeze(0))
 
-    pruned, plan = _exact(Rows(), (torch.randn(1, 3, 5),))
+    plan, pruned = prune_verified(Rows(), (torch.randn(1, 3, 5),), "fx", exact_only=True)
     assert len(_group(plan, "a").removed) == 4 and tuple(pruned.w.shape) == (5, 4)
 
 
@@ -91,7 +82,7 @@ def test_layer_norm_in_the_gate_is_approximate():
 
 def test_linear_on_a_model_input_still_makes_channels():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
-    _, plan = _exact(model, (torch.randn(1, 5, 4),))
+    plan, _ = prune_verified(model, (torch.randn(1, 5, 4),), "fx", exact_only=True)
     assert len(_group(plan, "0").removed) == 3
 
 
@@ -136,7 +127,7 @@ class StdConsumers(nn.Module):
 
 @pytest.mark.parametrize("capture", CAPTURES)
 def test_standardised_weight_rows_are_output_channels(capture):
-    pruned, plan = _exact(StdDepthwise(), (torch.randn(1, 3, 6, 6),), capture)
+    plan, pruned = prune_verified(StdDepthwise(), (torch.randn(1, 3, 6, 6),), capture, exact_only=True)
     g = _group(plan, "stem.weight")
     assert g.exact and len(g.removed) == 4
     assert {p.target for p in g.params} >= {"stem.weight", "stem.gain", "stem.bias", "dw.weight", "dw.gain"}
@@ -171,7 +162,7 @@ class WSConv(nn.Conv2d):
 @pytest.mark.parametrize("capture", CAPTURES)
 def test_weight_standardised_by_reductions(capture):
     model = nn.Sequential(WSConv(3, 8, 3), nn.ReLU(), WSConv(8, 6, 3), nn.ReLU(), nn.Conv2d(6, 2, 1))
-    _, plan = _exact(model, (torch.randn(1, 3, 6, 6),), capture)
+    plan, _ = prune_verified(model, (torch.randn(1, 3, 6, 6),), capture, exact_only=True)
     assert len(_group(plan, "2.weight").removed) == 3 and not _group(plan, "0.weight").exact
 
 
@@ -179,7 +170,7 @@ def test_weight_norm_through_export_slices_its_rows():
     from torch.nn.utils.parametrizations import weight_norm
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), weight_norm(nn.Conv2d(8, 6, 3)), nn.ReLU(),
                           nn.Conv2d(6, 2, 1))
-    _, plan = _exact(model, (torch.randn(1, 3, 6, 6),), "export")
+    plan, _ = prune_verified(model, (torch.randn(1, 3, 6, 6),), "export", exact_only=True)
     g = _group(plan, "2.parametrizations.weight.original1")
     assert g.exact and len(g.removed) == 3 and "2.parametrizations.weight.original0" in {p.target for p in g.params}
     consumed = _group(plan, "0")  # the norm runs over these columns
@@ -224,7 +215,7 @@ class TimmLayers(nn.Module):
 
 
 def test_timm_leaves_prune_exactly_with_their_sizes_fixed():
-    pruned, plan = _exact(TimmLayers(), (torch.randn(1, 3, 9, 9),), leaf_modules=LEAVES)
+    plan, pruned = prune_verified(TimmLayers(), (torch.randn(1, 3, 9, 9),), "fx", exact_only=True, leaf_modules=LEAVES)
     kinds = {type(m).__name__ for n, m in plan.traced.named_modules() if n}
     assert {"Conv2dSame", "BatchNormAct2d", "BlurPool2d", "GroupNormAct", "LayerNorm2d"} <= kinds
     stem, pw = _group(plan, "stem"), _group(plan, "pw")
@@ -249,7 +240,7 @@ def test_timm_leaves_approximate_sizes_and_eca_blocks():
 
 
 def test_timm_layers_traced_through_by_export():
-    _, plan = _exact(TimmLayers(), (torch.randn(1, 3, 9, 9),), capture="export")
+    plan, _ = prune_verified(TimmLayers(), (torch.randn(1, 3, 9, 9),), "export", exact_only=True)
     assert _group(plan, "stem.weight").removed and not plan.blocked_ops
 
 
@@ -268,4 +259,4 @@ def test_timm_models_have_no_blocked_channels(name, kwargs):
     assert not _blocked(plan) and sum(1 for g in plan.groups if g.removed) > 1
     assert fxprune.apply(plan)(x).shape == (1, 1000)
     if any(g.exact for g in plan.groups if g.removed):  # gMLP: every group passes a LayerNorm
-        _exact(model, (x,))
+        prune_verified(model, (x,), "fx", exact_only=True)

@@ -12,20 +12,10 @@ import torch.nn.functional as F
 
 import fxprune
 from fxprune.blocked import blocked_summary
+from oracle_helpers import prune_verified
 
 CAPTURES = ["fx", "export"]
-
-
-def exact_pruned(model: nn.Module, inputs: tuple, capture: str) -> tuple:
-    """``(plan, pruned)`` in float64 with ``exact_only=True``; asserts the oracle holds to 1e-9."""
-    torch.manual_seed(0)
-    model = model.double().eval()
-    inputs = tuple(t.double() if t.is_floating_point() else t for t in inputs)
-    plan = fxprune.plan(model, fxprune.Policy(ratio=0.5, exact_only=True), inputs, capture=capture)
-    pruned = fxprune.apply(plan)
-    check = fxprune.verify(pruned, inputs=inputs)
-    assert check.ok and check.compared and check.max_error < 1e-9, check
-    return plan, pruned
+EXACT = dict(exact_only=True, max_error=1e-9, seed=0)  # float64, exact groups only, oracle within 1e-9
 
 
 def removed(plan) -> list:
@@ -83,7 +73,7 @@ class CastPos(nn.Module):
 
 @pytest.mark.parametrize("capture", CAPTURES)
 def test_cast_weight_of_rms_norm_over_other_dims_is_exact(capture):
-    plan, pruned = exact_pruned(ConvRms(), (torch.randn(2, 3, 5),), capture)
+    plan, pruned = prune_verified(ConvRms(), (torch.randn(2, 3, 5),), capture, **EXACT)
     assert plan.blocked_ops == [] and removed(plan) == [(8, 4)]
     assert tuple(pruned.norm_weight.shape if hasattr(pruned, "norm_weight") else pruned.norm.weight.shape) == (5,)
 
@@ -103,7 +93,7 @@ def test_cast_weight_of_rms_norm_over_channels_is_a_passenger(capture):
 
 @pytest.mark.parametrize("capture", CAPTURES)
 def test_cast_parameter_tables_are_passengers(capture):
-    plan, pruned = exact_pruned(CastPos(), (torch.randn(2, 5, 4),), capture)
+    plan, pruned = prune_verified(CastPos(), (torch.randn(2, 5, 4),), capture, **EXACT)
     assert plan.blocked_ops == [] and removed(plan) == [(8, 4)]
     params = dict(pruned.named_parameters())
     assert tuple(params["pos_embed"].shape) == (1, 5, 4) and tuple(params["gamma"].shape) == (4,)
@@ -159,7 +149,7 @@ class GemmaAttention(nn.Module):
 
 @pytest.mark.parametrize("capture", CAPTURES)
 def test_gemma_heads_through_head_norm_and_2d_rope(capture):
-    plan, pruned = exact_pruned(GemmaAttention(), (torch.randn(2, 9, 16),), capture)
+    plan, pruned = prune_verified(GemmaAttention(), (torch.randn(2, 9, 16),), capture, **EXACT)
     assert blocked_summary(plan).blocked == 0
     assert (4, 2) in removed(plan)  # whole heads
     params = dict(pruned.named_parameters())
@@ -194,7 +184,7 @@ class OneHotTable(nn.Module):
 @pytest.mark.parametrize("capture", CAPTURES)
 def test_one_hot_matmul_table_exact(capture):
     idx = torch.randint(0, 6, (5, 2))
-    plan, pruned = exact_pruned(OneHotTable(), (torch.randn(3, 5, 4), idx), capture)
+    plan, pruned = prune_verified(OneHotTable(), (torch.randn(3, 5, 4), idx), capture, **EXACT)
     assert removed(plan) == [(8, 4)]
     assert tuple(dict(pruned.named_parameters())["table"].shape) == (2, 6, 4)
 
@@ -204,7 +194,7 @@ def test_timm_gemma4_vit_tiny_has_nothing_blocked():
     m = timm_gemma.Gemma4VitClassifier(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, head_dim=16,
                                        intermediate_size=64, position_embedding_size=16, num_classes=5,
                                        use_clipped_linears=True)
-    plan, _ = exact_pruned(m, (torch.rand(1, 3, 32, 32),), "export")
+    plan, _ = prune_verified(m, (torch.rand(1, 3, 32, 32),), "export", **EXACT)
     assert blocked_summary(plan).blocked == 0 and (2, 1) in removed(plan)
 
 
@@ -223,7 +213,7 @@ class Aggregate(nn.Module):
 
 @pytest.mark.parametrize("capture", CAPTURES)
 def test_pointwise_conv_along_the_channels_passes_them(capture):
-    plan, pruned = exact_pruned(Aggregate(), (torch.randn(2, 5, 4),), capture)
+    plan, pruned = prune_verified(Aggregate(), (torch.randn(2, 5, 4),), capture, **EXACT)
     assert plan.blocked_ops == [] and removed(plan) == [(8, 4)]
     assert tuple(dict(pruned.named_parameters())["aggregate.weight"].shape) == (1, 3, 1)
 
@@ -252,7 +242,7 @@ class ScalarQKV(nn.Module):
 
 @pytest.mark.parametrize("capture", CAPTURES)
 def test_unbind_of_the_channel_dim_pins_each_channel_with_its_reason(capture):
-    plan, _ = exact_pruned(ScalarQKV(), (torch.randn(2, 5, 4),), capture)
+    plan, _ = prune_verified(ScalarQKV(), (torch.randn(2, 5, 4),), capture, **EXACT)
     reasons = [why for _, why in plan.blocked_ops]
     assert any("splits the channel dim into its 3 channels" in why for why in reasons), reasons
     assert removed(plan) == [(8, 4)]  # the hidden channels stay prunable

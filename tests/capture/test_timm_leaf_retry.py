@@ -2,7 +2,6 @@
 MaxPool2dSame, ...) and fxprune has a row for are kept whole from the start; where one is not
 (``no_default_leaves``: a layer outside that set), FX failing inside it is retried with it kept
 whole before torch.export."""
-import copy
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import torch.nn as nn
 import fxprune
 from fxprune.capture import CaptureInfo, capture, timm_leaf_retry
 from fxprune.errors import FxPruneError, TraceError
+from oracle_helpers import prune_verified
 
 timm = pytest.importorskip("timm")
 import timm.layers as tl  # noqa: E402
@@ -21,6 +21,7 @@ from timm.layers.pool2d_same import MaxPool2dSame  # noqa: E402
 from fxprune.coupling.timm_rules import leaf_types  # noqa: E402
 
 X = (torch.randn(1, 3, 16, 16),)
+EXACT = dict(exact_only=True, max_error=1e-9)  # float64, exact groups only, oracle within 1e-9
 
 
 class SameNet(nn.Module):
@@ -52,14 +53,6 @@ def no_default_leaves(monkeypatch):
     monkeypatch.setattr(capture_module, "_default_timm_leaves", lambda model, leaf_modules: ((), ()))
 
 
-def _exact_in_float64(model, inputs):
-    pruned = fxprune.transform(copy.deepcopy(model).double(), fxprune.Policy(ratio=0.5, exact_only=True),
-                               tuple(t.double() for t in inputs))
-    result = fxprune.verify(pruned)
-    assert result.ok and result.max_error <= 1e-9
-    return pruned
-
-
 def test_timm_registered_layers_are_kept_whole_from_the_start():
     plan = fxprune.plan(_net(), fxprune.Policy(ratio=0.5), X)
     info = plan.capture
@@ -72,7 +65,7 @@ def test_timm_registered_layers_are_kept_whole_from_the_start():
     pruned = fxprune.apply(plan)
     assert pruned.conv.out_channels == 4 and pruned.bn.num_features == 4 and pruned.head.in_channels == 4
     assert fxprune.verify(pruned).ok
-    assert _exact_in_float64(_net(), X).bn.weight.shape == (4,)
+    assert prune_verified(_net(), X, **EXACT)[1].bn.weight.shape == (4,)
 
 
 def test_kept_whole_prunes_what_tracing_through_prunes(monkeypatch):
@@ -117,7 +110,7 @@ def test_fx_fails_inside_conv2d_same_and_is_retried_with_timm_leaves(no_default_
     pruned = fxprune.apply(plan)
     assert pruned.conv.out_channels == 4 and pruned.bn.weight.shape == (4,)  # traced through
     assert fxprune.verify(pruned).ok
-    pruned64 = _exact_in_float64(_net(), X)
+    _, pruned64 = prune_verified(_net(), X, **EXACT)
     assert pruned64.meta["fxprune"].capture["frontend"] == "fx" and pruned64.head.in_channels == 4
 
 
@@ -126,7 +119,7 @@ def test_timm_model_with_same_padding_stays_on_fx():
     torch.manual_seed(0)
     model = timm.create_model("tf_mobilenetv3_small_minimal_100", pretrained=False, num_classes=10).eval()
     inputs = (torch.randn(1, 3, 64, 64),)
-    pruned = _exact_in_float64(model, inputs)
+    _, pruned = prune_verified(model, inputs, **EXACT)
     info = pruned.meta["fxprune"].capture
     assert info["frontend"] == "fx" and info["fx_error"] is None
     assert info["timm_leaves"] == ["Conv2dSame", "BatchNormAct2d"]
