@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import copy
 import enum
+import functools
 from typing import Any
 
 import torch
@@ -22,7 +23,8 @@ _IMMUTABLE = (int, float, bool, complex, str, bytes, type(None), type, torch.dty
               torch.layout, torch.memory_format, enum.Enum)
 
 
-_EMPTY_COPYABLE = (dict, collections.OrderedDict, set, list)
+_EMPTY_COPYABLE = frozenset((dict, collections.OrderedDict, set, list))
+_TENSOR_TABLES = frozenset(("_parameters", "_buffers"))
 _IMMUTABLE_TYPES = frozenset(t for t in _IMMUTABLE if t is not enum.Enum)
 
 
@@ -40,6 +42,7 @@ def _copied_tensor(tensor: torch.Tensor, memo: dict) -> torch.Tensor:
     return copy.deepcopy(tensor, memo) if hit is None else hit
 
 
+@functools.lru_cache(maxsize=None)
 def _default_protocol(cls: type) -> bool:
     """True when ``copy.deepcopy`` of an instance amounts to deep-copying its ``__dict__``.
 
@@ -71,17 +74,18 @@ def copy_module(module: nn.Module, memo: dict) -> nn.Module:
         return copy.deepcopy(module, memo)
     new = cls.__new__(cls)
     memo[id(module)] = new
-    state = {}
+    state = module.__dict__.copy()  # immutable values stay shared; every other one is replaced below
     for key, value in module.__dict__.items():
-        if key in ("_parameters", "_buffers"):
+        kind = type(value)
+        if kind in _IMMUTABLE_TYPES:
+            continue
+        if key in _TENSOR_TABLES:
             state[key] = {n: (None if t is None else _copied_tensor(t, memo)) for n, t in value.items()}
         elif key == "_modules":
             state[key] = {n: (None if c is None else copy_module(c, memo)) for n, c in value.items()}
-        elif type(value) in _EMPTY_COPYABLE and not value:  # the hook tables of almost every module
-            state[key] = type(value)()
-        elif _immutable(value):
-            state[key] = value
-        else:
+        elif kind in _EMPTY_COPYABLE and not value:  # the hook tables of almost every module
+            state[key] = kind()
+        elif not _immutable(value):
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)
     return new

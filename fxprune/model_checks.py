@@ -111,6 +111,8 @@ def _legacy_reparametrization(module: nn.Module) -> str | None:
 def _parametrization_problems(module: nn.Module) -> Iterator[str]:
     """Parametrizations fxprune cannot slice exactly: one without ``right_inverse`` cannot take
     a sliced tensor; spectral norm and orthogonal maps change the values of a sliced tensor."""
+    if "parametrizations" not in module._modules:  # where parametrize registers them (most modules: none)
+        return
     from torch.nn.utils import parametrizations as P
     from torch.nn.utils import parametrize
     if not parametrize.is_parametrized(module):
@@ -160,6 +162,8 @@ def _module_problems(model: nn.Module, leaf_modules: Iterable, kept: list) -> It
             continue
         for problem in _parametrization_problems(module):
             yield where, problem
+        if not (module._forward_hooks or module._forward_pre_hooks):
+            continue  # no hooks to keep or drop: whether it is a leaf does not matter
         leaf = bool(name) and (name in leaf_names or (leaf_types and isinstance(module, leaf_types))
                                or tracer.is_leaf_module(module, name))
         if leaf:
@@ -169,6 +173,8 @@ def _module_problems(model: nn.Module, leaf_modules: Iterable, kept: list) -> It
 
 
 def _meta_problems(model: nn.Module) -> Iterator[tuple[str, str]]:
+    if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return
     names = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if names:
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
