@@ -61,6 +61,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 KINDS = ("channel", "head", "kv-group", "hidden", "mlp", "query-heads")
@@ -170,7 +171,14 @@ def _class_names(obj: Any) -> list[str]:
 
 
 def _acts_on_stream(obj: Any) -> bool:
-    return obj is not None and any(name.endswith(_STREAM_CLASS_ENDINGS) for name in _class_names(obj))
+    if obj is None:
+        return False
+    return _stream_class(obj if isinstance(obj, (str, type)) else type(obj))
+
+
+@functools.lru_cache(maxsize=4096)  # read per member of every group: once per class instead
+def _stream_class(cls_or_name: Any) -> bool:
+    return any(name.endswith(_STREAM_CLASS_ENDINGS) for name in _class_names(cls_or_name))
 
 
 def _innermost_module(node) -> Any:

@@ -237,19 +237,17 @@ def build_groups(an: Analysis, ignored: Callable[[str], bool]) -> tuple[list[Gro
             for gid, (pos, ch) in _split_by_group(info.units, tables, memo).items():
                 if gid in wanted:
                     members[gid].append(Member(name, info.dim, pos, ch))
+    component, channel = tables.component, tables.channel  # a root's entries are its (group, channel)
     pins: dict[int, dict[int, str]] = {}
     for root, why in an.units.resolved(an.units.pins).items():
-        gid, ch = index[root]
-        pins.setdefault(gid, {})[ch] = why
+        pins.setdefault(component[root], {})[channel[root]] = why
     inexact: dict[int, dict[int, str]] = {}
     for root, why in an.units.resolved(an.units.inexact).items():
-        gid, ch = index[root]
-        inexact.setdefault(gid, {})[ch] = why
+        inexact.setdefault(component[root], {})[channel[root]] = why
     ordered = sorted(wanted)
     groups = [Group(i, sizes[gid], members[gid], params[gid], pins.get(gid, {}), inexact.get(gid, {}))
               for i, gid in enumerate(ordered)]
     group_of_component = {gid: i for i, gid in enumerate(ordered)}
-    component = tables.component
     kinds = classify(an, groups, lambda u: group_of_component.get(component[u]) if 0 <= u < len(component) else None)
     for g in groups:
         g.kind = kinds[g.id]

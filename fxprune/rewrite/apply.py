@@ -35,6 +35,8 @@ def _apply_edits(gm: fx.GraphModule, edits: dict) -> None:
 def _check_parametrized(owner: torch.nn.Module, name: str, tensor: torch.Tensor, target: str) -> None:
     """A parametrized tensor takes the cut through its ``right_inverse``: it must read back as
     the cut (a parametrization that changes sliced values would make the prune inexact)."""
+    if "parametrizations" not in owner._modules:  # where parametrize registers them (most modules: none)
+        return
     from torch.nn.utils import parametrize
     if not parametrize.is_parametrized(owner, name):
         return
@@ -127,7 +129,7 @@ def _cut(modules: dict[str, torch.nn.Module], slices: list) -> dict[str, torch.T
         path, _, name = target.rpartition(".")
         tensor = getattr(modules[path], name).detach()
         for dim, index in cuts:
-            tensor = tensor.index_select(dim, index.to(tensor.device))
+            tensor = tensor.index_select(dim, index if index.device == tensor.device else index.to(tensor.device))
         out[target] = tensor
     return out
 
