@@ -28,7 +28,8 @@ from .shapes import propagate
 
 @contextlib.contextmanager
 def stage(name: str, timings: dict):
-    """Name and time a stage; re-raise foreign errors as 'stage X failed: why'.
+    """Name and time a stage (time spent in it again is added); re-raise foreign errors as
+    'stage X failed: why'.
 
     Example:
         >>> timings = {}
@@ -44,8 +45,8 @@ def stage(name: str, timings: dict):
         raise
     except Exception as err:
         raise StageError(name, None, f"{type(err).__name__}: {err}") from err
-    finally:
-        timings[name] = time.perf_counter() - start
+    finally:  # a stage entered again (the model checks before the trace, a retry) adds up
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def _captured_with_shapes(model: torch.nn.Module, inputs: tuple, timings: dict, how: str,

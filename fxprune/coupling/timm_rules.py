@@ -51,6 +51,7 @@ def is_timm(module: nn.Module) -> bool:
     return is_timm_type(type(module))
 
 
+@functools.lru_cache(maxsize=4096)  # asked per module of every model and graph: once per class
 def is_timm_type(cls: type) -> bool:
     """True when ``cls`` or a base class is defined in timm (read off ``__module__``: timm is not
     imported).
