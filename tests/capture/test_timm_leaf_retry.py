@@ -86,6 +86,25 @@ def test_kept_whole_prunes_what_tracing_through_prunes(monkeypatch):
     assert torch.equal(whole(*X), through(*X))
 
 
+@pytest.mark.parametrize("fmt", ["torchscript-script", "onnx"])
+def test_a_pruned_model_with_timm_leaves_exports(tmp_path, fmt):
+    """The leaves stay timm's own modules in the pruned GraphModule (Conv2dSame's padding is
+    computed from the input at run time): TorchScript scripts them, ONNX exports them, and both
+    give the pruned module's outputs."""
+    from fxprune.exporters import check_onnx, export
+    pruned = fxprune.transform(_net(), fxprune.Policy(ratio=0.5), X)
+    assert isinstance(pruned.conv, tl.Conv2dSame) and isinstance(pruned.pool, MaxPool2dSame)
+    for size in (16, 19):  # a second size: the same-padding is not baked for the example input
+        x = (torch.randn(1, 3, size, size),)
+        if fmt == "onnx":
+            path = export(pruned, tmp_path / f"m{size}.onnx", x, format="onnx")
+            assert check_onnx(path, pruned, x, rtol=1e-4) <= 1e-4
+        else:
+            path = export(pruned, tmp_path / "m.pt", X, format=fmt)
+            with torch.no_grad():
+                assert torch.allclose(torch.jit.load(str(path))(*x), pruned.eval()(*x), atol=1e-5)
+
+
 def test_a_norm_whose_act_its_row_would_block_is_traced_through():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), tl.BatchNormAct2d(8), tl.BatchNormAct2d(8, act_layer=nn.Softmax2d),
                           nn.Conv2d(8, 4, 1)).eval()
