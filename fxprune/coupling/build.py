@@ -35,6 +35,7 @@ def analyse(gm: fx.GraphModule, prune_outputs: Any = False) -> Analysis:
             raise
         except Exception as err:
             raise StageError("coupling", node.name, f"{describe(node)}: {type(err).__name__}: {err}") from err
+    an.settle_deferred()  # a second channel dim no contraction took up stays whole
     for (target, dim), ps in an.params.items():
         if target in an.frozen_params:
             an.units.pin(ps.units, f"{target} is also used by an op fxprune cannot slice "

@@ -91,6 +91,10 @@ class Analysis:
         self.mask_sites: set[tuple[str, int]] = set()
         self.module_widths: dict[str, tuple[int, ...]] = {}
         self.literals: dict[str, tuple[str, Any]] = {}
+        # A contraction's second channel dim, left for its one user (a contraction) to settle:
+        # node -> (dim, units, why they are pinned if it cannot); see tensor_rules.contract_labels
+        self.deferred: dict[str, tuple[int, tuple[int, ...], str]] = {}
+        self.second_dims: dict[str, tuple[int, tuple[int, ...]]] = {}  # every such dim that was settled
         self.prune_outputs: Any = False  # Policy.prune_outputs: which model outputs may lose channels
         self._aliases: dict[str, tuple[str, ...]] | None = None
 
@@ -136,8 +140,17 @@ class Analysis:
     def pin_args(self, node: fx.Node, reason: str) -> None:
         for arg in node.all_input_nodes:
             self.pin_value(self.value(arg), reason)
+            self.settle_deferred(arg.name)
         if node.op == "output":  # the last node: every use of every parameter has been seen
             self.tie_aliases()
+
+    def settle_deferred(self, name: str | None = None) -> None:
+        """Pin the deferred second channel dim of node ``name`` (of every node when None) with
+        its reason: a deferral nobody took up is never left removable."""
+        for key in [name] if name is not None else list(self.deferred):
+            entry = self.deferred.pop(key, None)
+            if entry is not None:
+                self.units.pin(entry[1], entry[2])
 
     # -- parameters ---------------------------------------------------------------------
     def slice_param(self, target: str, dim: int, role: str, units: Sequence[int], owner: str, why: str) -> None:

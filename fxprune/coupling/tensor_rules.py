@@ -22,6 +22,7 @@ Example:
 """
 from __future__ import annotations
 
+import operator
 import string
 from typing import Any, Sequence
 
@@ -233,53 +234,120 @@ def _mixed_reason(why: str, label: str, chan: str, out: str) -> str:
             f"({role(chan)}); {two}a contraction tracks the channels of one index only")
 
 
+_CONTRACTIONS = frozenset((torch.matmul, operator.matmul, torch.bmm, torch.einsum, "matmul", "__matmul__", "bmm"))
+
+
+def _next_contraction(node: fx.Node) -> bool:
+    """True when ``node``'s one user is a contraction that reads it (matmul, bmm, einsum): the
+    place where a second channel dim of ``node`` can be settled (summed over with the same
+    channels on the other side, or kept as that contraction's channel dim)."""
+    users = list(node.users)
+    return len(users) == 1 and users[0].target in _CONTRACTIONS and node in users[0].all_input_nodes
+
+
+def _channel_infos(an: Analysis, a: Any, taken: list) -> list[ChannelInfo]:
+    """The channel dims an operand carries: its own, and a second one an earlier contraction
+    left to this one (``Analysis.deferred``; appended to ``taken``, which the caller settles;
+    recorded in ``Analysis.second_dims``, where the rewrite's shape re-check reads it)."""
+    v = an.value(a)
+    infos = [v] if isinstance(v, ChannelInfo) else []
+    later = an.deferred.pop(a.name, None) if isinstance(a, fx.Node) else None
+    if later is not None:
+        taken.append(later)
+        infos.append(ChannelInfo(later[0], later[1]))
+        an.second_dims[a.name] = later[:2]
+    return infos
+
+
 def contract_labels(an: Analysis, node: fx.Node, operands: Sequence[tuple[Any, str]], out: str,
                     inexact_if_contracted: str | None = None) -> Any:
-    """Channel semantics of a contraction given the index labels of every operand and the output."""
+    """Channel semantics of a contraction given the index labels of every operand and the output.
+
+    One index is tracked (``_tracked_label``). Another index summed over whose every operand
+    carries channels on it couples them (a removed channel's terms drop out of the sum, on every
+    side at once); another index kept in the output is left to this node's one user when that is
+    a contraction (linear attention: ``k.T @ v`` keeps k's and v's channels, ``q @ (k.T @ v)``
+    sums k's with q's and keeps v's); any other is pinned, with the reason.
+    """
     why = describe(node)
     operands = _without_broadcasts(an, operands)
+    taken: list = []  # deferred entries read here: settled below, or pinned if this node gives up
+
+    def give_up(reason: str) -> Any:
+        for _dim, units, _why in taken:
+            an.units.pin(units, reason)
+        return opaque(an, node, reason)
+
+    infos: list[list[ChannelInfo]] = []
     carried: dict[str, list] = {}
     for a, labels in operands:
-        v = an.value(a)
-        if isinstance(v, ChannelInfo):
+        infos.append(_channel_infos(an, a, taken))
+        for v in infos[-1]:
             label = labels[v.dim] if v.dim < len(labels) else None
             if label == _BROADCAST:
                 continue  # one channel read by every position of the others: nothing to couple
             if label is None:
-                return opaque(an, node, f"{why}: an operand's channel dim has no index")
+                return give_up(f"{why}: an operand's channel dim has no index")
             carried.setdefault(label, []).append(v)
     if not carried:
-        return opaque(an, node, f"{why}: no operand carries channels")
-    # Track one index (see _tracked_label: removable channels, kept in the output, most operands);
-    # channels carried on any other index meet the tracked ones mixed: those are pinned, with the reason.
+        return give_up(f"{why}: no operand carries channels")
     chan = _tracked_label(an, carried, out)
+
+    def on(label: str, labels: str, values: list[ChannelInfo]) -> ChannelInfo | None:
+        return next((v for v in values if labels[v.dim] == label), None)
+
+    def fully_carried(label: str) -> bool:  # every operand with this index carries channels on it
+        return all(on(label, labels, values) is not None or not _sized(an, a, labels.index(label))
+                   for (a, labels), values in zip(operands, infos) if label in labels)
+
+    later = [label for label in carried if label != chan and label in out]
+    defer = later[0] if len(later) == 1 and _next_contraction(node) else None
     for label, values in carried.items():
-        if label != chan:
-            for v in values:
-                an.units.pin(v.units, _mixed_reason(why, label, chan, out))
-    units = next(an.value(a).units for a, labels in operands
-                 if isinstance(an.value(a), ChannelInfo) and labels[an.value(a).dim] == chan)
-    tracked = lambda v, labels: isinstance(v, ChannelInfo) and labels[v.dim] == chan  # noqa: E731
-    widths = {len(an.value(a).units) for a, labels in operands if tracked(an.value(a), labels)}
+        if label == chan or label == defer:
+            continue
+        widths = {len(v.units) for v in values}
+        if label not in out and len(widths) == 1 and fully_carried(label):
+            for v in values[1:]:  # summed over with the same channels on every side: exact
+                an.units.union(values[0].units, v.units, "identity", f"{why} (index {label!r}, summed)")
+            continue
+        for v in values:
+            an.units.pin(v.units, _mixed_reason(why, label, chan, out))
+    if defer is not None:
+        values = carried[defer]
+        for v in values[1:]:
+            an.units.union(values[0].units, v.units, "identity", f"{why} (index {defer!r})")
+        an.deferred[node.name] = (out.index(defer), tuple(values[0].units), _mixed_reason(why, defer, chan, out)
+                                  + " (nor does the one contraction after it settle them)")
+    units = carried[chan][0].units
+    widths = {len(v.units) for v in carried[chan]}
     if len(widths) > 1:
-        return opaque(an, node, f"{why}: index {chan!r} has {' and '.join(map(str, sorted(widths)))} "
-                                "channels in different operands (grouped heads are not tracked)")
+        return give_up(f"{why}: index {chan!r} has {' and '.join(map(str, sorted(widths)))} "
+                       "channels in different operands (grouped heads are not tracked)")
     role = "passenger" if chan in out else "consumer"
-    for a, labels in operands:
+    for (a, labels), values in zip(operands, infos):
         if chan not in labels:
             continue
-        v, d = an.value(a), labels.index(chan)
-        if tracked(v, labels):
+        v, d = on(chan, labels, values), labels.index(chan)
+        raw = an.value(a)
+        if v is not None:
             an.units.union(units, v.units, "identity", f"{why} (index {chan!r})")
-        elif isinstance(v, ParamRef) and an.param_tensor(v.target).shape[d] == len(units):
-            an.slice_param(v.target, d, role, units, v.target, why)
-        elif not (isinstance(a, fx.Node) and an.shape(a)[d] == 1):
-            return opaque(an, node, f"{why}: an operand without tracked channels meets them on index {chan!r}")
+        elif isinstance(raw, ParamRef) and an.param_tensor(raw.target).shape[d] == len(units):
+            an.slice_param(raw.target, d, role, units, raw.target, why)
+        elif _sized(an, a, d):
+            return give_up(f"{why}: an operand without tracked channels meets them on index {chan!r}")
     if chan in out:
         return ChannelInfo(out.index(chan), units)
     if inexact_if_contracted:
         an.units.mark_inexact(units, f"{inexact_if_contracted} ({why})")
+    if defer is not None:  # the kept second index becomes this node's channel dim
+        dim, kept, _ = an.deferred.pop(node.name)
+        return ChannelInfo(dim, kept)
     return an.fresh(node, an.shape(node), "opaque", f"{why} sums over the channels; its result carries none")
+
+
+def _sized(an: Analysis, a: Any, d: int) -> bool:
+    """True unless operand ``a`` is a node whose dim ``d`` has size 1 (it broadcasts)."""
+    return not (isinstance(a, fx.Node) and an.shape(a)[d] == 1)
 
 
 def einsum(an: Analysis, node: fx.Node) -> Any:
