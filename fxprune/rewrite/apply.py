@@ -322,7 +322,7 @@ def check_shapes(gm: fx.GraphModule, plan, kept: Kept) -> None:
         if literal is not None and literal[0] == "repeat_kv":  # its n_rep dim shrinks too
             units, kv, d, _ = literal[1]
             want[d] = kept.count(units) // kv
-        second = plan.analysis.second_dims.get(node.name)  # k.T @ v: v's channels on a second dim
+        second = getattr(plan.analysis, "second_dims", {}).get(node.name)  # k.T @ v: v's channels, a second dim
         if second is not None:
             want[second[0]] = kept.count(second[1])
         if tuple(want) != shape(node):
