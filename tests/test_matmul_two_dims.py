@@ -144,3 +144,26 @@ def test_timm_lite_mla_is_unblocked() -> None:
     assert check.ok and check.compared and check.exact
     assert not [why for why in plan.analysis.units.pins.values() if "two dims" in why]
     assert pruned.proj.conv.in_channels < model.proj.conv.in_channels and timm is not None  # v was pruned
+
+
+class StateTimesWeight(nn.Module):
+    """``(k.T @ v) @ w``: the next contraction sums v's channels with a parameter's rows, which
+    carry no tracked channels, so v's channels stay whole; k's pass to the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k, self.v = nn.Linear(8, 6), nn.Linear(8, 5)
+        self.w = nn.Parameter(torch.randn(5, 3))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((self.k(x).transpose(-1, -2) @ self.v(x)) @ self.w).sum(1)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_second_channel_dim_summed_with_a_parameter_stays_whole(capture: str) -> None:
+    torch.manual_seed(0)
+    plan, pruned = prune_verified(StateTimesWeight(), (torch.randn(2, 7, 8),), capture, max_error=1e-12)
+    assert pruned.v.out_features == 5 and pruned.k.out_features == 3
+    assert not plan.analysis.deferred
+    assert any("index 'k', summed over" in why for why in plan.analysis.units.pins.values())

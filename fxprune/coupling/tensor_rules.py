@@ -242,7 +242,12 @@ def _next_contraction(node: fx.Node) -> bool:
     place where a second channel dim of ``node`` can be settled (summed over with the same
     channels on the other side, or kept as that contraction's channel dim)."""
     users = list(node.users)
-    return len(users) == 1 and users[0].target in _CONTRACTIONS and node in users[0].all_input_nodes
+    if len(users) != 1 or users[0].op not in ("call_function", "call_method"):
+        return False  # a submodule named "matmul" is not one
+    try:
+        return users[0].target in _CONTRACTIONS and node in users[0].all_input_nodes
+    except TypeError:  # an unhashable target
+        return False
 
 
 def _channel_infos(an: Analysis, a: Any, taken: list) -> list[ChannelInfo]:
