@@ -22,6 +22,7 @@ from . import norm_rules as N
 from . import rules as R
 from . import shuffle as S
 from . import attention_rules as A
+from . import contraction_rules as CT
 from . import tensor_rules as T
 from . import sdpa_rules as SDPA
 from . import table_rules as TB
@@ -134,22 +135,22 @@ MODULE_RULES: dict[type, Rule] = {
 }
 
 
-# -- transformer building blocks (tensor_rules, attention_rules) ----------------------------
+# -- transformer building blocks (tensor_rules, contraction_rules, attention_rules) ----------------------------
 FUNCTION_RULES.update({
     torch._assert: T.no_channels, torch.roll: T.roll, torch.broadcast_to: T.expand,
     **{f: R.elementwise for f in (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge)},
     torch.unsqueeze: T.unsqueeze, torch.squeeze: T.squeeze, torch.movedim: T.movedim, torch.unbind: P(POS.unbind, fallback=T.unbind),
     torch.moveaxis: T.movedim, torch.swapaxes: L.transpose, torch.swapdims: L.transpose,
-    torch.einsum: T.einsum, torch.addmm: R.addmm_functional, torch.bmm: T.matmul,
-    **{f: P(TB.param_matmul, fallback=T.matmul) for f in (torch.matmul, operator.matmul)},
+    torch.einsum: CT.einsum, torch.addmm: R.addmm_functional, torch.bmm: CT.matmul,
+    **{f: P(TB.param_matmul, fallback=CT.matmul) for f in (torch.matmul, operator.matmul)},
     F.scaled_dot_product_attention: SDPA.attention,
     **{f: T.creation for f in T.CREATION_SIZE if not isinstance(f, str)},
 })
 METHOD_RULES.update({
     "expand": T.expand, "expand_as": T.expand, "repeat": P(TB.tile, fallback=T.repeat), "unsqueeze": T.unsqueeze,
     "squeeze": T.squeeze, "movedim": T.movedim, "moveaxis": T.movedim, "swapaxes": L.transpose,
-    "swapdims": L.transpose, "roll": T.roll, "bmm": T.matmul, "unbind": P(POS.unbind, fallback=T.unbind),
-    **{m: P(TB.param_matmul, fallback=T.matmul) for m in ("matmul", "__matmul__")},
+    "swapdims": L.transpose, "roll": T.roll, "bmm": CT.matmul, "unbind": P(POS.unbind, fallback=T.unbind),
+    **{m: P(TB.param_matmul, fallback=CT.matmul) for m in ("matmul", "__matmul__")},
     **{m: T.creation for m in T.CREATION_SIZE if isinstance(m, str)},
 })
 FUNCTION_RULES[torch.narrow] = slice_rules.narrow  # an offset map on the channel dim, like a slice

@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from .rules import arg, describe, ndim, norm_dim, opaque
 from .state import Analysis, ChannelInfo
-from .tensor_rules import has_removable
+from .contraction_rules import has_removable
 
 
 def _along(m: Any, k: int) -> tuple:

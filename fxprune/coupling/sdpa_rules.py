@@ -19,10 +19,10 @@ once, and the pruned call computes the kept columns of the masked original. This
 to attention, where the contracted operands (q, k) and the passed-through operand (v) are
 different tensors that each carry their channels on one index; a general matmul/einsum whose
 operand carries channels on one index and meets tracked channels on another stays blocked
-(``tensor_rules.contract_labels``).
+(``contraction_rules.contract_labels``).
 
 Operands that carry channels on their heads (batch) dims, or on the sequence dims, go through
-``tensor_rules.contract_labels`` as before.
+``contraction_rules.contract_labels`` as before.
 
 Example:
     >>> import torch, torch.nn.functional as F, fxprune
@@ -50,7 +50,7 @@ import torch.fx as fx
 
 from .rules import arg, describe, ndim, opaque
 from .state import Analysis, ChannelInfo, ParamRef
-from .tensor_rules import _BROADCAST, _without_broadcasts, contract_labels
+from .contraction_rules import _BROADCAST, _without_broadcasts, contract_labels
 
 QK, VALUE = "E", "F"  # the query/key width and the value width (PyTorch's docs name them so)
 SCALE_LITERAL = "sdpa_scale"  # the literal kind, rewritten by fxprune.rewrite.literals.sdpa_scale

@@ -92,7 +92,7 @@ class Analysis:
         self.module_widths: dict[str, tuple[int, ...]] = {}
         self.literals: dict[str, tuple[str, Any]] = {}
         # A contraction's second channel dim, left for its one user (a contraction) to settle:
-        # node -> (dim, units, why they are pinned if it cannot); see tensor_rules.contract_labels
+        # node -> (dim, units, why they are pinned if it cannot); see contraction_rules.contract_labels
         self.deferred: dict[str, tuple[int, tuple[int, ...], str]] = {}
         self.second_dims: dict[str, tuple[int, tuple[int, ...]]] = {}  # every such dim that was settled
         self.prune_outputs: Any = False  # Policy.prune_outputs: which model outputs may lose channels

@@ -20,7 +20,8 @@ import torch.fx as fx
 from . import index_rules, slice_rules
 from .rules import arg, describe, elementwise, opaque, passthrough
 from .state import Analysis, ChannelInfo, ParamRef
-from .tensor_rules import has_removable, param_channels
+from .contraction_rules import has_removable
+from .tensor_rules import param_channels
 from ..shapes import is_tensor_shape
 
 
@@ -164,7 +165,7 @@ def param_matmul(an: Analysis, node: fx.Node, fallback: Any) -> Any:
     of the result is ``a @ W[..., c]``, so the last dim is a per-channel table on ``W``'s last
     dim, a passenger of the channels it is added to (Gemma 4's position embedding
     ``one_hot(pos) @ table``, then summed over the two axes). Anything else goes to
-    ``fallback`` (``tensor_rules.matmul``).
+    ``fallback`` (``contraction_rules.matmul``).
 
     Example:
         >>> import torch, fxprune

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable
 import torch.fx as fx
 import torch.nn as nn
 
-from .. import shapes
+from .. import shape_rules
 from . import conv_rules as C
 from . import norm_rules as N
 from . import rules as R
@@ -272,14 +272,14 @@ FIXER_ROWS: dict[str, Callable] = {
 }
 
 
-# -- shape rules (``fxprune.shapes``) for the layers FX keeps whole ------------------------------
+# -- shape rules (``fxprune.shape_rules``) for the layers FX keeps whole ------------------------------
 def _std_conv_shape(m: nn.Module, x: Any) -> Any:
     """``StdConv2d``/``ScaledStdConv2d`` (and ``*Same``): a conv whose weight is standardised in
     place; ``gain`` has one entry per output channel."""
     gain = getattr(m, "gain", None)
     if gain is not None and gain.numel() != m.out_channels:
         return None
-    return shapes.conv_shape(m, x, same=bool(getattr(m, "same_pad", False)))
+    return shape_rules.conv_shape(m, x, same=bool(getattr(m, "same_pad", False)))
 
 
 def _with_act_shape(norm: Callable) -> Callable:
@@ -288,9 +288,9 @@ def _with_act_shape(norm: Callable) -> Callable:
 
 
 SHAPE_ROWS: dict[str, Callable] = {  # the meta kernels of these decompose the whole layer
-    "norm_act:BatchNormAct2d": _with_act_shape(shapes.batch_norm_shape),
-    "norm_act:FrozenBatchNormAct2d": _with_act_shape(shapes.batch_norm_shape),
-    "conv2d_same:Conv2dSame": functools.partial(shapes.conv_shape, same=True),
+    "norm_act:BatchNormAct2d": _with_act_shape(shape_rules.batch_norm_shape),
+    "norm_act:FrozenBatchNormAct2d": _with_act_shape(shape_rules.batch_norm_shape),
+    "conv2d_same:Conv2dSame": functools.partial(shape_rules.conv_shape, same=True),
     **{f"std_conv:{n}": _std_conv_shape for n in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d",
                                                   "ScaledStdConv2dSame")},
 }
@@ -318,5 +318,5 @@ def _table() -> dict:
     for name, shape_rule in SHAPE_ROWS.items():
         cls = resolve(name)
         if cls is not None:
-            shapes.register_shape_rule(cls, shape_rule)
+            shape_rules.register_shape_rule(cls, shape_rule)
     return {cls: rule for name, rule in ROWS.items() if (cls := resolve(name)) is not None}

@@ -312,6 +312,7 @@ def check_shapes(gm: fx.GraphModule, plan, kept: Kept) -> None:
         raise StageError("rewrite", node, f"the pruned module fails its shape re-check: {why} "
                                           "(an fxprune bug: please report it with the model)") from err
     originals = {n.name: shape(n) for n in plan.traced.graph.nodes}
+    second_dims = getattr(plan.analysis, "second_dims", {})  # k.T @ v: v's channels, a second dim
     for node in gm.graph.nodes:
         out = plan.analysis.info.get(node.name)
         if not isinstance(out, ChannelInfo) or not is_tensor_shape(originals.get(node.name)):
@@ -322,7 +323,7 @@ def check_shapes(gm: fx.GraphModule, plan, kept: Kept) -> None:
         if literal is not None and literal[0] == "repeat_kv":  # its n_rep dim shrinks too
             units, kv, d, _ = literal[1]
             want[d] = kept.count(units) // kv
-        second = getattr(plan.analysis, "second_dims", {}).get(node.name)  # k.T @ v: v's channels, a second dim
+        second = second_dims.get(node.name)
         if second is not None:
             want[second[0]] = kept.count(second[1])
         if tuple(want) != shape(node):
