@@ -1,7 +1,8 @@
 """Analysis speed on timm: fxprune's plan+apply beside Torch-Pruning's prune, side by side.
 
     pip install -e ".[zoo,bench]"
-    python benchmarks/timm_speed.py [--models resnet18 ... | --both] [--repeats 3] [--timeout 300]
+    python benchmarks/timm_speed.py [--models resnet18 ... | --both] [--repeats 3] [--min-time 0]
+                                    [--max-repeats 40] [--timeout 300]
                                     [--json benchmarks/results/timm_speed.json]
 
 One timm model per family (the smallest of each, as ``zoo_coverage.py`` picks them), random
@@ -12,10 +13,15 @@ weights, eval mode, default input size. Per model, in one forked worker (one thr
    odd ones) of ``fxprune.plan`` + ``fxprune.apply`` (``Policy("l1", 0.5)``, default capture) and of
    Torch-Pruning 1.6.1's ``MetaPruner(MagnitudeImportance(p=1), 0.5)`` construction + ``step()`` on
    a deep copy made off the clock (with the harness's list of output layers to leave alone); the
-   median of each is kept, and their ratio.
+   median of each is kept, and their ratio. With ``--min-time S``, rounds go on (up to
+   ``--max-repeats``) until each tool's timed runs add up to S seconds: a 0.03 s prune gets
+   enough rounds for its median to settle;
+3. a 90% bootstrap interval of that ratio, resampling whole rounds (``ratio_interval``): how far
+   the ratio moves with the machine's noise.
 
 The models both tools handle (both succeed in the warm-up) give the median and max of
-fxprune/Torch-Pruning; the three slowest models of each fxprune stage (trace, shapes, coupling,
+fxprune/Torch-Pruning, and which ratios above 1.0 have intervals that stay above it (a
+difference this run can tell apart from noise); the three slowest models of each fxprune stage (trace, shapes, coupling,
 importance, select, apply) are listed, with each model's node count to show time per node.
 """
 from __future__ import annotations
@@ -25,6 +31,7 @@ import copy
 import importlib.util
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -104,7 +111,7 @@ def _attempt(fn, *args):
         return None, f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
 
 
-def measure_model(name: str, repeats: int) -> dict:
+def measure_model(name: str, repeats: int, min_time: float = 0.0, max_repeats: int = 40) -> dict:
     model, inputs = model_zoo.build("timm", name)
     with torch.no_grad():
         out = model(*inputs)
@@ -115,8 +122,10 @@ def measure_model(name: str, repeats: int) -> dict:
     if fx_warm is None:
         return row
     fx_times, tp_times, stage_runs = [], [], []
-    for i in range(repeats if tp_warm is not None else 1):  # no pair to compare: one timed run
-        order = ("fx", "tp") if i % 2 == 0 else ("tp", "fx")
+    rounds = 0
+    while rounds < (repeats if tp_warm is not None else 1) or (  # no pair to compare: one timed run
+            tp_warm is not None and rounds < max_repeats and min(sum(fx_times), sum(tp_times)) < min_time):
+        order = ("fx", "tp") if rounds % 2 == 0 else ("tp", "fx")
         for tool in order:
             if tool == "fx":
                 seconds, stages, nodes = _fxprune_once(model, inputs)
@@ -124,20 +133,46 @@ def measure_model(name: str, repeats: int) -> dict:
                 stage_runs.append(stages)
             elif tp_warm is not None:
                 tp_times.append(_tp_once(model, inputs, out))
+        rounds += 1
     row["nodes"] = nodes
+    row["rounds"] = rounds
     row["fx_s"] = statistics.median(fx_times)
     row["stages"] = {k: statistics.median(r.get(k, 0.0) for r in stage_runs) for k in STAGES}
     if tp_times:
         row["tp_s"] = statistics.median(tp_times)
         row["ratio"] = row["fx_s"] / row["tp_s"]
+        row["ratio_lo"], row["ratio_hi"] = ratio_interval(fx_times, tp_times)
     return row
 
 
-def _worker(send, name: str, repeats: int) -> None:
+def ratio_interval(fx_times: list[float], tp_times: list[float], level: float = 0.9,
+                   resamples: int = 2000) -> tuple[float, float]:
+    """A bootstrap interval (``level``, percentile method, fixed seed) of median(fx)/median(tp),
+    resampling whole rounds so each fxprune time stays paired with the Torch-Pruning time taken
+    beside it. It says how far one run's ratio moves with the machine's noise: a ratio above 1.0
+    whose interval reaches below 1.0 is not told apart from parity by this run.
+
+    Example:
+        >>> lo, hi = ratio_interval([1.0, 1.1, 0.9, 1.0], [1.0, 1.0, 1.0, 1.0])
+        >>> lo <= 1.0 <= hi
+        True
+    """
+    rng = random.Random(0)
+    n = len(fx_times)
+    ratios = []
+    for _ in range(resamples):
+        picks = [rng.randrange(n) for _ in range(n)]
+        ratios.append(statistics.median(fx_times[i] for i in picks) / statistics.median(tp_times[i] for i in picks))
+    ratios.sort()
+    tail = (1 - level) / 2
+    return ratios[int(tail * (resamples - 1))], ratios[int((1 - tail) * (resamples - 1))]
+
+
+def _worker(send, name: str, repeats: int, min_time: float, max_repeats: int) -> None:
     torch.set_num_threads(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        send(measure_model(name, repeats))
+        send(measure_model(name, repeats, min_time, max_repeats))
 
 
 def summary(rows: list[dict]) -> str:
@@ -149,9 +184,20 @@ def summary(rows: list[dict]) -> str:
         lines.append(f"fxprune plan+apply / Torch-Pruning prune over the {len(both)} models both handle: "
                      f"median {statistics.median(ratios):.2f}, max {max(ratios):.2f} ({worst['model']}); "
                      f"{sum(x <= 1.0 for x in ratios)}/{len(both)} at or under 1.0")
-        lines.append(tabulate(sorted(([r["model"], r["nodes"], round(r["fx_s"], 3), round(r["tp_s"], 3),
-                                       round(r["ratio"], 2)] for r in both), key=lambda x: -x[-1])[:15],
-                              headers=["model (15 highest ratios)", "nodes", "fxprune s", "TP s", "ratio"]))
+        banded = [r for r in both if "ratio_lo" in r]
+        if banded:
+            above = [r for r in banded if r["ratio_lo"] > 1.0]
+            unclear = [r for r in banded if r["ratio"] > 1.0 >= r["ratio_lo"]]
+            lines.append(f"90% intervals (bootstrap over rounds): {len(above)} above 1.0 as a whole"
+                         + (f" ({', '.join(r['model'] for r in above)})" if above else "")
+                         + f"; {len(unclear)} above 1.0 with an interval that reaches 1.0"
+                         + (f" ({', '.join(r['model'] for r in unclear)})" if unclear else ""))
+        lines.append(tabulate(sorted(([r["model"], r["nodes"], r.get("rounds", ""), round(r["fx_s"], 3),
+                                       round(r["tp_s"], 3), round(r["ratio"], 2),
+                                       f"{r['ratio_lo']:.2f}-{r['ratio_hi']:.2f}" if "ratio_lo" in r else ""]
+                                      for r in both), key=lambda x: -x[-2])[:15],
+                              headers=["model (15 highest ratios)", "nodes", "rounds", "fxprune s", "TP s",
+                                       "ratio", "90% interval"]))
     timed = [r for r in rows if "stages" in r]
     for stage in STAGES:
         slow = sorted(timed, key=lambda r: -r["stages"][stage])[:3]
@@ -170,7 +216,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=None)
     parser.add_argument("--both", action="store_true", help="the 36 models both tools handle (BOTH_HANDLE)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per model, at least")
+    parser.add_argument("--min-time", type=float, default=0.0,
+                        help="more rounds (up to --max-repeats) until each tool's timed runs add up to this many seconds")
+    parser.add_argument("--max-repeats", type=int, default=40)
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--max-rss-gb", type=float, default=16)
     parser.add_argument("--json", default=OUT)
@@ -184,11 +233,13 @@ def main() -> None:
         names = [n for n in names if n not in {r["model"] for r in rows}]
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     for name in tqdm(names, desc="timm speed"):
-        result, error = cov.run_isolated(_worker, (name, args.repeats), args.timeout, args.max_rss_gb)
+        result, error = cov.run_isolated(_worker, (name, args.repeats, args.min_time, args.max_repeats),
+                                        args.timeout, args.max_rss_gb)
         rows.append(result if result is not None and not error else {"model": name, "error": (error or "no result")[:300]})
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"torch": torch.__version__, "fxprune": fxprune.__version__, "repeats": args.repeats,
+                       "min_time": args.min_time, "max_repeats": args.max_repeats,
                        "rows": rows}, f, indent=1)
         os.replace(tmp, args.json)
     print(summary(rows))
