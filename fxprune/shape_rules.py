@@ -114,6 +114,50 @@ def _adaptive_pool(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return _empty(x, (*x.shape[:2], *(x.shape[2 + i] if s is None else s for i, s in enumerate(size))))
 
 
+def _pool_extent(size: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
+    """One spatial size out of a max or average pool, as ATen's ``pooling_output_shape``."""
+    out = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil else 0)) // s + 1
+    if ceil and (out - 1) * s >= size + p:  # the last window would start in the padding
+        out -= 1
+    return out
+
+
+def _as_tuple(value: Any, n: int) -> tuple | None:
+    value = (value,) * n if isinstance(value, int) else tuple(value)
+    return value if len(value) == n and all(isinstance(v, int) for v in value) else None
+
+
+def _pool(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """MaxPool/AvgPool 1d/2d/3d (values only) on a batched floating input, after the kernel's
+    checks (positive kernel, stride and dilation, padding at most half the kernel, a non-empty
+    output); None defers to the meta kernel, also for an input smaller than the window.
+
+    Example:
+        >>> _pool(torch.nn.MaxPool2d(3, 2, 1), torch.empty(1, 8, 7, 7, device="meta")).shape
+        torch.Size([1, 8, 4, 4])
+    """
+    n = _POOL_DIMS[type(m)]
+    if x.dim() != n + 2 or getattr(m, "return_indices", False) or not x.is_floating_point() or 0 in x.shape:
+        return None
+    k, s, p = _as_tuple(m.kernel_size, n), _as_tuple(m.stride or m.kernel_size, n), _as_tuple(m.padding, n)
+    d = _as_tuple(getattr(m, "dilation", 1), n)
+    if k is None or s is None or p is None or d is None:
+        return None
+    spatial = []
+    for size, ki, si, pi, di in zip(x.shape[2:], k, s, p, d):
+        if min(ki, si, di) <= 0 or not 0 <= pi <= ki // 2 or size < (ki - 1) * di + 1:
+            return None  # (a window larger than the input: avg_pool3d refuses it, padded or not)
+        out = _pool_extent(size, ki, si, pi, di, bool(m.ceil_mode))
+        if out < 1:
+            return None
+        spatial.append(out)
+    return _empty(x, (*x.shape[:2], *spatial))
+
+
+_POOL_DIMS = {torch.nn.MaxPool1d: 1, torch.nn.MaxPool2d: 2, torch.nn.MaxPool3d: 3,
+              torch.nn.AvgPool1d: 1, torch.nn.AvgPool2d: 2, torch.nn.AvgPool3d: 3}
+
+
 # Output of a module from its input's meta tensor, after the checks its kernel would make; None
 # defers to the meta kernel. These modules' meta kernels (decompositions, for norms above all)
 # cost far more than the shapes they return. Keyed by exact type: a subclass may change forward.
@@ -123,6 +167,7 @@ _SHAPE_RULES = {
     torch.nn.Conv1d: conv_shape, torch.nn.Conv2d: conv_shape, torch.nn.Conv3d: conv_shape,
     torch.nn.AdaptiveAvgPool1d: _adaptive_pool, torch.nn.AdaptiveAvgPool2d: _adaptive_pool,
     torch.nn.AdaptiveAvgPool3d: _adaptive_pool,
+    **{cls: _pool for cls in _POOL_DIMS},
     **{cls: lambda _m, x: _same(x) for cls in (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU, torch.nn.Hardswish,
                                      torch.nn.Hardsigmoid, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Identity,
                                      torch.nn.Dropout, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.Mish)},
@@ -136,8 +181,28 @@ def _elementwise(a: Any, b: Any) -> torch.Tensor | None:
     if not tensors or any(not isinstance(v, (torch.Tensor, int, float)) or isinstance(v, bool) for v in (a, b)) \
             or any(not t.is_floating_point() or t.dtype != tensors[0].dtype for t in tensors):
         return None
-    shape = torch.broadcast_shapes(*(t.shape for t in tensors)) if len(tensors) == 2 else tensors[0].shape
-    return _empty(tensors[0], shape)
+    shape = _broadcast(tensors[0].shape, tensors[1].shape) if len(tensors) == 2 else tensors[0].shape
+    return None if shape is None else _empty(tensors[0], shape)
+
+
+def _broadcast(a: torch.Size, b: torch.Size) -> tuple | None:
+    """The broadcast of two shapes, or None where they do not broadcast (the kernel then raises
+    its own error); ``torch.broadcast_shapes`` goes through a Python reference with symbolic-size
+    checks, several times slower for the residual adds and gates of every block.
+
+    Example:
+        >>> _broadcast(torch.Size([2, 8, 4, 4]), torch.Size([8, 1, 1])), _broadcast(torch.Size([3]), torch.Size([4]))
+        ((2, 8, 4, 4), None)
+    """
+    if a == b:
+        return tuple(a)
+    n = max(len(a), len(b))
+    out = []
+    for x, y in zip((1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)):
+        if x != y and x != 1 and y != 1:
+            return None
+        out.append(x if y == 1 else y)
+    return tuple(out)
 
 
 def _binary(args: tuple, kwargs: dict) -> torch.Tensor | None:

@@ -98,13 +98,15 @@ def _to_meta(value: Any) -> Any:
     return value.to("meta") if isinstance(value, torch.Tensor) else value
 
 
-def _meta_propagate(gm: fx.GraphModule, example_inputs: tuple) -> bool:
+def _meta_propagate(gm: fx.GraphModule, example_inputs: tuple, recorder: _MetaRecorder | None = None) -> bool:
     """Shapes from meta tensors: no data, no fake-tensor bookkeeping, the fastest way; False
-    when some op has no meta kernel or reads data (the caller then falls back)."""
+    when some op has no meta kernel or reads data (the caller then falls back). ``recorder``:
+    one already made for ``gm`` (its table of submodules is the caller's walk of ``gm``)."""
+    recorder = _MetaRecorder(gm, garbage_collect_values=False) if recorder is None else recorder
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _MetaRecorder(gm, garbage_collect_values=False).run(*(_to_meta(t) for t in example_inputs))
+            recorder.run(*(_to_meta(t) for t in example_inputs))
     except Exception:
         return False
     return True
@@ -150,10 +152,11 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple, fake: bool = True) -> A
         >>> [n.meta["fxprune"]["shape"] for n in gm.graph.nodes][-2]
         (1, 8, 6, 6)
     """
-    modes = [(m, m.training) for m in gm.modules()]
+    recorder = _MetaRecorder(gm, garbage_collect_values=False)
+    modes = [(m, m.training) for m in recorder.submodules.values()]  # gm.modules(), walked once
     for module, _ in modes:  # eval mode, as gm.eval() would set it, without its recursion
         module.__dict__["training"] = False  # what Module.__setattr__ would do, without its checks
-    if fake and (_meta_propagate(gm, example_inputs) or _fake_propagate(gm, example_inputs)):
+    if fake and (_meta_propagate(gm, example_inputs, recorder) or _fake_propagate(gm, example_inputs)):
         _restore(modes)
         return None
     try:

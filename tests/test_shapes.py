@@ -1,6 +1,7 @@
 """Shape propagation: meta tensors first, fake tensors or one real run as fallbacks, all agreeing;
 and the traced module reads the model's tensors while the pruned module owns its own."""
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -210,3 +211,25 @@ def test_functional_shape_rules_still_catch_a_tensor_of_the_wrong_width(broken):
 def test_the_attention_function_rule_still_catches_a_mask_that_does_not_broadcast():
     gm = trace(Functional())
     assert not _meta_propagate(gm, (torch.randn(2, 5, 8), torch.rand(4, 5) > 0.5))
+
+
+@settings(max_examples=150, deadline=None)
+@given(kind=st.sampled_from(["max", "avg"]), n=st.integers(1, 3), k=st.integers(1, 4), s=st.integers(1, 3),
+       p=st.integers(0, 2), d=st.integers(1, 2), ceil=st.booleans(), size=st.integers(1, 9))
+def test_the_pool_shape_rule_equals_the_kernel(kind, n, k, s, p, d, ceil, size):
+    """Where the rule gives a shape, the kernel gives the same; where the kernel refuses, the
+    rule defers (None) so the meta run raises the kernel's own error. It also defers for an
+    input smaller than the window (avg_pool3d refuses it even when padded, 1d and 2d do not)."""
+    from fxprune.shape_rules import _pool
+    cls = getattr(nn, f"{'Max' if kind == 'max' else 'Avg'}Pool{n}d")
+    module = cls(k, s, p, dilation=d, ceil_mode=ceil) if kind == "max" else cls(k, s, p, ceil_mode=ceil)
+    x = torch.randn(2, 3, *(size + i for i in range(n)))
+    try:
+        want = tuple(module(x).shape)
+    except RuntimeError:
+        want = None
+    got = _pool(module, x.to("meta"))
+    if got is not None:
+        assert tuple(got.shape) == want
+    else:
+        assert want is None or size < (k - 1) * d + 1  # deferred where the kernel refuses or the window is larger
