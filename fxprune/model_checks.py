@@ -139,20 +139,31 @@ def _quantized_type(cls: type) -> bool:
     return any(path == p or path.startswith(p + ".") for p in _QUANTIZED_PACKAGES)
 
 
-def _is_quantized(module: nn.Module) -> bool:
-    if _quantized_type(type(module)):
-        return True
-    return any(t.is_quantized for t in (*module._parameters.values(), *module._buffers.values())
-               if isinstance(t, torch.Tensor))
+def _own_tensor_kinds(module: nn.Module) -> tuple[bool, bool]:
+    """(a parameter or buffer of the module's own is quantized, one is on the meta device)."""
+    quantized = meta = False
+    for table in (module._parameters, module._buffers):
+        for t in table.values():
+            if isinstance(t, torch.Tensor):
+                quantized, meta = quantized or t.is_quantized, meta or t.is_meta
+    return quantized, meta
 
 
-def _module_problems(model: nn.Module, leaf_modules: Iterable, kept: list) -> Iterator[tuple[str, str]]:
+def _module_problems(model: nn.Module, leaf_modules: Iterable, kept: list, found: dict) -> Iterator[tuple[str, str]]:
+    """Problems module by module, in one walk; ``found["meta"]`` says whether some module holds
+    a tensor on the meta device (named by ``_meta_problems``)."""
     leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
     leaf_names = {m for m in leaf_modules if isinstance(m, str)}
-    tracer = fx.Tracer()
+    tracer = None  # made for the first hooked module (most models have none)
     for name, module in model.named_modules():
+        hooked = module._forward_hooks or module._forward_pre_hooks
+        quantized, meta = _own_tensor_kinds(module)
+        found["meta"] = found["meta"] or meta
+        quantized = quantized or _quantized_type(type(module))
+        if not (hooked or quantized or "parametrizations" in module._modules):
+            continue  # the common case: nothing to check further, nothing to name
         where = f"{name!r} ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
-        if _is_quantized(module):
+        if quantized:
             yield where, ("quantized, QAT or observer module: fxprune prunes float models; prune the "
                           "float model first, then quantize the pruned one")
             continue
@@ -162,8 +173,9 @@ def _module_problems(model: nn.Module, leaf_modules: Iterable, kept: list) -> It
             continue
         for problem in _parametrization_problems(module):
             yield where, problem
-        if not (module._forward_hooks or module._forward_pre_hooks):
+        if not hooked:
             continue  # no hooks to keep or drop: whether it is a leaf does not matter
+        tracer = fx.Tracer() if tracer is None else tracer
         leaf = bool(name) and (name in leaf_names or (leaf_types and isinstance(module, leaf_types))
                                or tracer.is_leaf_module(module, name))
         if leaf:
@@ -173,8 +185,6 @@ def _module_problems(model: nn.Module, leaf_modules: Iterable, kept: list) -> It
 
 
 def _meta_problems(model: nn.Module) -> Iterator[tuple[str, str]]:
-    if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        return
     names = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if names:
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
@@ -228,7 +238,9 @@ def check_model(model: nn.Module, leaf_modules: Iterable = ()) -> None:
     if not isinstance(model, nn.Module):
         return  # the capture stage says what it expected
     kept: list[tuple[str, str]] = []
-    problems = [*_meta_problems(model), *_global_hook_problems(), *_module_problems(model, leaf_modules, kept)]
+    found = {"meta": False}
+    by_module = list(_module_problems(model, leaf_modules, kept, found))
+    problems = [*(_meta_problems(model) if found["meta"] else ()), *_global_hook_problems(), *by_module]
     if problems:
         raise ModelError(_message(problems), problems)
     if kept:
