@@ -70,7 +70,7 @@ def plan(model: torch.nn.Module, policy: Policy, example_inputs: Any, *, leaf_mo
                                                          concrete_args, capture)
     with _stage("importance", timings):
         ctx = importance_.ImportanceContext(gm, groups, inputs, calibration, loss_fn, policy,
-                                            dict(importance_options or {}))
+                                            dict(importance_options or {}), modules=an.modules)
         scores = _score(groups, policy, ctx)
     with _stage("select", timings), paused_collector():
         policy = _selection_policy(policy, ctx)

@@ -52,6 +52,10 @@ def check_names(policy, modules: torch.nn.Module | Mapping[str, Any] | Collectio
         ...
         fxprune.errors.PolicyNameError: ignore: 'l' is no module of the model (module names look like '0', '1')
     """
+    entries = [("ignore", item) for item in policy.ignore if isinstance(item, str)]
+    entries += [("overrides", key) for key, _ in policy.overrides if isinstance(key, str)]
+    if not entries:
+        return  # nothing to look up (most policies): no walk of the model
     if isinstance(modules, torch.nn.Module):
         table = dict(inner_model(modules).named_modules())
     elif isinstance(modules, Mapping):
@@ -64,8 +68,6 @@ def check_names(policy, modules: torch.nn.Module | Mapping[str, Any] | Collectio
     names = list(table)
     problems: dict[str, list[str]] = {}
     lines: list[str] = []
-    entries = [("ignore", item) for item in policy.ignore if isinstance(item, str)]
-    entries += [("overrides", key) for key, _ in policy.overrides if isinstance(key, str)]
     for field, key in entries:
         if field == "overrides" and _is_pattern(key):
             if any(fnmatch.fnmatchcase(name, key) for name in names):

@@ -167,9 +167,10 @@ def _default_timm_leaves(model: torch.nn.Module, leaf_modules: Iterable) -> tupl
     ((), ()) without importing timm when the model holds no timm module."""
     from ..coupling import ops  # noqa: F401  (installs the op table the rows read)
     from ..coupling.timm_rules import default_leaves, is_timm
-    if not any(is_timm(m) for m in model.modules()):
+    named = list(model.named_modules())  # one walk for the three questions
+    if not any(is_timm(m) for _, m in named):
         return (), ()
-    return default_leaves(model, leaf_modules)
+    return default_leaves(model, leaf_modules, named)
 
 
 def timm_leaf_retry(model: torch.nn.Module, leaf_modules: Iterable, concrete_args: dict | None,

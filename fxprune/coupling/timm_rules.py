@@ -72,7 +72,7 @@ def module_rule(module: nn.Module) -> Callable | None:
     return None
 
 
-def leaf_types(model: nn.Module) -> tuple[type, ...]:
+def leaf_types(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> tuple[type, ...]:
     """The types of ``model``'s timm modules that FX may keep whole: those with a row here (with
     that forward) that timm itself registers as not traceable (``timm.layers._fx``'s notrace
     modules: ``Conv2dSame``, ``BatchNormAct2d``, ``AvgPool2dSame``, ...), in the model's order.
@@ -88,7 +88,7 @@ def leaf_types(model: nn.Module) -> tuple[type, ...]:
         >>> leaf_types(torch.nn.Conv2d(3, 8, 3))
         ()
     """
-    found = {type(m): m for m in model.modules() if is_timm(m)}
+    found = {type(m): m for m in (model.modules() if modules is None else modules) if is_timm(m)}
     if not found:
         return ()
     notrace = _notrace_modules()
@@ -101,7 +101,8 @@ def leaf_types(model: nn.Module) -> tuple[type, ...]:
     return tuple(leaves)
 
 
-def default_leaves(model: nn.Module, given: Iterable = ()) -> tuple[tuple[str, ...], tuple[type, ...]]:
+def default_leaves(model: nn.Module, given: Iterable = (),
+                   named: list[tuple[str, nn.Module]] | None = None) -> tuple[tuple[str, ...], tuple[type, ...]]:
     """The timm layers FX keeps whole by default: (their names in ``model``, their types in the
     model's order).
 
@@ -111,7 +112,8 @@ def default_leaves(model: nn.Module, given: Iterable = ()) -> tuple[tuple[str, .
     traced through, in a graph a fraction of the size (a ``BatchNormAct2d`` is one node instead of
     a dozen). Instances are named, not types, so a subclass with its own forward, or a layer its
     row would block, is still traced through. Types in ``given`` (the caller's ``leaf_modules``)
-    are left to the caller. () for a model without timm layers (timm is not imported).
+    are left to the caller. () for a model without timm layers (timm is not imported). ``named``:
+    ``list(model.named_modules())`` where the caller has it already.
 
     Example:
         >>> import torch, timm.layers as tl, fxprune.coupling.ops
@@ -120,12 +122,13 @@ def default_leaves(model: nn.Module, given: Iterable = ()) -> tuple[tuple[str, .
         >>> names, [t.__name__ for t in types]
         (('0',), ['BatchNormAct2d'])
     """
-    kinds = leaf_types(model)
+    named = list(model.named_modules()) if named is None else named
+    kinds = leaf_types(model, (m for _, m in named))
     if not kinds:
         return (), ()
     given_types = tuple(t for t in given if isinstance(t, type))
     names, types = [], []
-    for name, m in model.named_modules():
+    for name, m in named:
         cls = type(m)
         if not name or cls not in kinds or (given_types and isinstance(m, given_types)):
             continue

@@ -32,13 +32,14 @@ class ImportanceContext:
     policy: Any = None
     options: dict = dataclasses.field(default_factory=dict)
     edits: dict = dataclasses.field(default_factory=dict)
+    modules: dict | None = dataclasses.field(default=None, repr=False)  # module's named_modules, if known
 
     def param(self, target: str) -> torch.Tensor:
         """A parameter or buffer of the traced original, by qualified name (never edited)."""
         path, _, name = target.rpartition(".")
-        owners = self.__dict__.get("_owners")
+        owners = self.modules
         if owners is None:  # the traced module does not change while criteria read it
-            owners = self.__dict__["_owners"] = dict(self.module.named_modules())
+            owners = self.modules = dict(self.module.named_modules())
         owner = owners.get(path)
         return getattr(owner if owner is not None else self.module.get_submodule(path), name)
 

@@ -98,16 +98,24 @@ def _planned_slices(plan, kept: Kept) -> list[tuple[str, int, torch.Tensor]]:
     return out
 
 
-def _copy_sharing(traced: fx.GraphModule, slices: list) -> fx.GraphModule:
+def _copy_sharing(traced: fx.GraphModule, slices: list, modules: dict | None = None) -> fx.GraphModule:
     """Deep copy of ``traced`` that does not copy the tensors about to be sliced (they are
-    replaced by fresh sliced tensors, so nothing stays shared)."""
-    modules = dict(traced.named_modules())
+    replaced by fresh sliced tensors, so nothing stays shared). ``modules``: ``traced``'s
+    ``named_modules`` table where the caller has it (the plan's analysis does)."""
+    modules = dict(traced.named_modules()) if modules is None else modules
     memo = {}
     for target, _dim, _keep in slices:
         path, _, name = target.rpartition(".")
         tensor = getattr(modules[path], name)
         memo[id(tensor)] = tensor
     return copy_graph_module(traced, memo, codegen=False)  # ``finish`` generates the code once
+
+
+def _traced_modules(plan) -> dict | None:
+    """The analysis's ``named_modules`` table of the plan's traced module, when it is that
+    module's (None: walk it again)."""
+    modules = getattr(plan.analysis, "modules", None)
+    return modules if getattr(plan.analysis, "gm", None) is plan.traced else None
 
 
 def _module_widths(plan, kept: Kept) -> dict[str, int]:
@@ -369,7 +377,7 @@ def apply(plan) -> fx.GraphModule:
 def _apply(plan) -> fx.GraphModule:
     kept = Kept(plan, plan.removed_roots())
     slices = _planned_slices(plan, kept)
-    gm = _copy_sharing(plan.traced, slices if not plan.edits else [])
+    gm = _copy_sharing(plan.traced, slices if not plan.edits else [], _traced_modules(plan))
     gm.meta.pop("fxprune", None)
     try:
         _apply_edits(gm, plan.edits)
