@@ -122,16 +122,17 @@ def measure_model(name: str, repeats: int, min_time: float = 0.0, max_repeats: i
     if fx_warm is None:
         return row
     fx_times, tp_times, stage_runs = [], [], []
+    paired = tp_warm is not None
+    least = repeats if paired else 1  # no pair to compare: one timed run
     rounds = 0
-    while rounds < (repeats if tp_warm is not None else 1) or (  # no pair to compare: one timed run
-            tp_warm is not None and rounds < max_repeats and min(sum(fx_times), sum(tp_times)) < min_time):
+    while rounds < least or (paired and rounds < max_repeats and min(sum(fx_times), sum(tp_times)) < min_time):
         order = ("fx", "tp") if rounds % 2 == 0 else ("tp", "fx")
         for tool in order:
             if tool == "fx":
                 seconds, stages, nodes = _fxprune_once(model, inputs)
                 fx_times.append(seconds)
                 stage_runs.append(stages)
-            elif tp_warm is not None:
+            elif paired:
                 tp_times.append(_tp_once(model, inputs, out))
         rounds += 1
     row["nodes"] = nodes

@@ -114,8 +114,8 @@ def _copy_sharing(traced: fx.GraphModule, slices: list, modules: dict | None = N
 def _traced_modules(plan) -> dict | None:
     """The analysis's ``named_modules`` table of the plan's traced module, when it is that
     module's (None: walk it again)."""
-    modules = getattr(plan.analysis, "modules", None)
-    return modules if getattr(plan.analysis, "gm", None) is plan.traced else None
+    an = plan.analysis
+    return an.modules if getattr(an, "gm", None) is plan.traced else None
 
 
 def _module_widths(plan, kept: Kept) -> dict[str, int]:
